@@ -1,0 +1,349 @@
+"""`align`: every metric of every checkpoint of a series, appended to the run's cube.
+
+For each checkpoint the model is loaded once, wrapped in a TransformerBridge,
+and the parallel pairs are streamed through it in batches; each metric family
+keeps its own streaming accumulator, so memory does not grow with the number of
+pairs. Checkpoints are independent: they can be spread over dask workers or
+torchrun ranks, each writing its own steps to the store.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from probekit import store
+from probekit.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
+from probekit.errors import MetricError, ProbekitError, RunDirError
+
+METRICS: dict[str, str] = {
+    "hidden_cos": "similarity",
+    "hidden_cos_centred": "similarity",
+    "cka": "similarity",
+    "retrieval_acc": "similarity",
+    "linmap_r2": "similarity",
+    "procrustes_r2": "similarity",
+    "neuron_act_prob": "neurons",
+    "lang_specific_frac": "neurons",
+    "neuron_overlap": "neurons",
+    "grad_cos": "gradients",
+    "embed_cos": "embeddings",
+    "embed_cos_by_freq": "embeddings",
+    "probe_transfer": "probes",
+}
+ALIGN_FAMILIES = ("similarity", "neurons", "gradients", "embeddings", "probes")
+SIMILARITY_METRICS = tuple(m for m, f in METRICS.items() if f == "similarity")
+
+
+@dataclass
+class AlignOptions:
+    pair: tuple[str, str] | None = None  # languages compared; default the first two
+    n_pairs: int = 64  # parallel pairs per checkpoint
+    seq_len: int | None = None  # tokens per sequence; default min(context, 128)
+    batch_size: int = 16
+    n_grad_pairs: int = 16
+    ci: float | None = None  # bootstrap interval level, e.g. 0.95
+    n_boot: int = 1000
+    device: str = "cpu"
+    neuron_threshold: float = 0.0
+    neuron_top_frac: float = 0.1
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_metrics(metrics: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """Metric or family names (or 'all') -> the families to compute, in order."""
+    if metrics is None or metrics == "all" or metrics == ["all"]:
+        return list(ALIGN_FAMILIES)
+    names = [m.strip() for m in (metrics.split(",") if isinstance(metrics, str) else metrics)]
+    fams = []
+    for name in filter(None, names):
+        fam = name if name in ALIGN_FAMILIES else METRICS.get(name)
+        if fam is None:
+            known = ", ".join(list(METRICS) + list(ALIGN_FAMILIES) + ["all"])
+            raise MetricError(f"unknown metric {name!r} (known: {known})")
+        if fam not in fams:
+            fams.append(fam)
+    return [f for f in ALIGN_FAMILIES if f in fams]
+
+
+class Series:
+    """What align needs of a run: checkpoints, languages, parallel pairs, vocabulary facts."""
+
+    def __init__(self, run_dir: Path, opts: AlignOptions):
+        from probekit.data import load_run_data
+
+        self.run_dir = Path(run_dir)
+        if not self.run_dir.is_dir():
+            raise RunDirError(f"run directory not found: {self.run_dir}")
+        self.data = load_run_data(self.run_dir)
+        self.cfg = self.data.cfg
+        self.vocab = self.data.vocab
+        langs = self.vocab.languages
+        if len(langs) < 2:
+            raise MetricError(f"{run_dir}: a monolingual run has no second language to align")
+        self.pair = tuple(opts.pair) if opts.pair else (langs[0], langs[1])
+        for lang in self.pair:
+            if lang not in langs:
+                raise MetricError(f"unknown language {lang!r} (this run has: {', '.join(langs)})")
+        context = int(self.cfg["model"]["context"])
+        self.seq_len = min(opts.seq_len or min(context, 128), context)
+        self.parallel = self.data.parallel(self.pair[0], self.pair[1], opts.n_pairs, self.seq_len)
+        if len(self.parallel) < 4:
+            raise MetricError(f"only {len(self.parallel)} parallel pairs of length {self.seq_len}")
+        self.tokenizer = self.vocab.tokenizers[self.vocab.tokenizer_of[self.pair[0]]]
+        self.mode = self.cfg["data"]["mode"]
+        self.vocab_mode = self.cfg["tokenizer"]["vocab_mode"] if self.mode == "pair" else self.mode
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return list_checkpoints(self.run_dir)
+
+    @property
+    def attrs(self) -> dict:
+        from probekit.config import dump_config
+
+        d = self.cfg["data"]
+        return {
+            "run_name": self.cfg.get("name") or self.run_dir.name,
+            "mode": self.mode,
+            "vocab_mode": self.vocab_mode,
+            "p": float(d["p"]) if not d["schedule"] else float("nan"),
+            "schedule": str(d["schedule"]),
+            "languages": list(self.pair),
+            "config": dump_config(self.cfg),
+        }
+
+    def check_model(self, model, info: CheckpointInfo) -> None:
+        if model.config.vocab_size != self.vocab.model_vocab_size:
+            raise RunDirError(
+                f"{info.path}: vocabulary size {model.config.vocab_size} does not match the "
+                f"run's languages ({self.vocab.model_vocab_size} ids for {self.vocab.languages})"
+            )
+
+    def clone_pairs(self) -> np.ndarray:
+        return self.vocab.clone_pairs(*self.pair)
+
+    def token_frequency(self) -> np.ndarray:
+        """Occurrences of each L1 piece in the training text (both languages together)."""
+        base = self.data._stream_of(self.data.corpus_language(self.pair[0]), "train")
+        return np.bincount(base, minlength=len(self.vocab.to_model[self.pair[0]]))
+
+
+def applicable(series: Series, family: str) -> str | None:
+    """Why a family cannot be computed for this run, or None."""
+    if family == "embeddings" and len(series.clone_pairs()) == 0:
+        return (
+            f"clone embedding similarity needs cloned languages; this run's "
+            f"{series.pair[0]}/{series.pair[1]} vocabularies are {series.vocab_mode}"
+        )
+    return None
+
+
+def compute_checkpoint(run_dir: Path, step: int, families: list[str], opts: AlignOptions) -> dict:
+    """All requested families for one checkpoint -> {family: Dataset}. Runs in any process."""
+    series = Series(run_dir, opts)
+    info = next((c for c in series.checkpoints() if c.step == step), None)
+    if info is None:
+        raise RunDirError(f"{run_dir}: no checkpoint for step {step}")
+    model = load_checkpoint(info, device=opts.device)
+    series.check_model(model, info)
+    out: dict[str, xr.Dataset] = {}
+    # weight-level metrics first: booting the bridge rewraps the model's modules in place
+    if "gradients" in families:
+        out["gradients"] = _gradients(model, series, opts)
+    if "embeddings" in families:
+        out["embeddings"] = _embeddings(model, series)
+    if any(f in families for f in ("similarity", "neurons", "probes")):
+        out |= _activation_families(model, series, families, opts)
+    del model
+    gc.collect()  # one checkpoint at a time: memory stays flat over a long series
+    return out
+
+
+def _gradients(model, series: Series, opts: AlignOptions) -> xr.Dataset:
+    from probekit.hooks import pad_batch
+    from probekit.metrics.gradients import gradient_alignment
+
+    par = series.parallel
+    n = min(opts.n_grad_pairs, len(par))
+    ids1, m1 = pad_batch(par.ids1[:n])
+    ids2, m2 = pad_batch(par.ids2[:n])
+    with torch.enable_grad():
+        da = gradient_alignment(model, ids1, m1, ids2, m2)
+    return da.to_dataset(name="grad_cos") if isinstance(da, xr.DataArray) else da
+
+
+def _embeddings(model, series: Series) -> xr.Dataset:
+    from probekit.metrics.embeddings import embedding_similarity, embedding_similarity_by_freq
+
+    pairs = series.clone_pairs()
+    base_ids = np.asarray([series.vocab._owners[int(i)][0][1] for i in pairs[:, 0]])
+    freq = series.token_frequency()[base_ids]
+    e = embedding_similarity(model, pairs)
+    by = embedding_similarity_by_freq(model, pairs, freq)
+    parts = [
+        e.to_dataset(name="embed_cos") if isinstance(e, xr.DataArray) else e,
+        by.to_dataset(name="embed_cos_by_freq") if isinstance(by, xr.DataArray) else by,
+    ]
+    return xr.merge(parts, compat="override", join="outer")
+
+
+@torch.no_grad()
+def _activation_families(model, series: Series, families: list[str], opts: AlignOptions) -> dict:
+    """One streamed pass over the parallel pairs feeds every activation-based accumulator."""
+    from probekit.hooks import iter_pair_activations, load_bridge, pad_batch, run_activations
+
+    n_layers, d_model = model.config.n_layer, model.config.n_embd
+    d_mlp = model.config.n_inner or 4 * d_model
+    par = series.parallel
+    bridge = load_bridge(model, series.tokenizer, device=opts.device)
+    sim = neu = None
+    if "similarity" in families:
+        from probekit.metrics.similarity import SimilarityAccumulator
+
+        sim = SimilarityAccumulator(
+            n_layers + 1,
+            d_model,
+            metrics=SIMILARITY_METRICS,
+            aligned=par.aligned,
+            n_groups=20 if opts.ci else None,
+        )
+    if "neurons" in families:
+        from probekit.metrics.neurons import NeuronAccumulator
+
+        neu = NeuronAccumulator(
+            n_layers, d_mlp, languages=list(series.pair), threshold=opts.neuron_threshold
+        )
+    want_resid = sim is not None or "probes" in families
+    pooled1, pooled2 = [], []
+    shifted2 = par.ids2[1:] + par.ids2[:1]  # different-text baseline: pair i with i + 1
+    for idx, a1, a2 in iter_pair_activations(
+        bridge, par.ids1, par.ids2, n_layers, opts.batch_size, want_resid, neu is not None
+    ):
+        pidx = torch.as_tensor(idx)
+        if sim is not None:
+            sim.update(a1.resid, a1.mask, a2.resid, a2.mask, pidx)
+            b2 = run_activations(bridge, *pad_batch([shifted2[i] for i in idx]), n_layers)
+            sim.update_baseline(a1.resid, a1.mask, b2.resid, b2.mask, pidx)
+        if neu is not None:
+            neu.update(series.pair[0], a1.mlp, a1.mask)
+            neu.update(series.pair[1], a2.mlp, a2.mask)
+        if "probes" in families:
+            for a, dst in ((a1, pooled1), (a2, pooled2)):
+                m = a.mask[None, :, :, None].float()
+                dst.append(((a.resid * m).sum(2) / m.sum(2)).numpy())
+    out = {}
+    if sim is not None:
+        out["similarity"] = sim.result(ci=opts.ci, n_boot=opts.n_boot, seed=0)
+    if neu is not None:
+        out["neurons"] = neu.result(top_k=max(1, int(round(opts.neuron_top_frac * d_mlp))))
+    if "probes" in families:
+        from probekit.metrics.probes import probe_transfer
+
+        f1, f2 = np.concatenate(pooled1, axis=1), np.concatenate(pooled2, axis=1)
+        out["probes"] = probe_transfer(f1, par.labels, f2, par.labels, seed=0, paired=True)
+    del bridge
+    return out
+
+
+def _selected(series: Series, steps: list[int] | None) -> list[CheckpointInfo]:
+    ckpts = series.checkpoints()
+    if steps:
+        have = {c.step for c in ckpts}
+        missing = [s for s in steps if s not in have]
+        if missing:
+            raise RunDirError(
+                f"{series.run_dir}: no checkpoint for step(s) "
+                f"{', '.join(map(str, missing))} (have: {sorted(have)})"
+            )
+        ckpts = [c for c in ckpts if c.step in set(steps)]
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return ckpts[rank::world] if world > 1 else ckpts  # torchrun: each rank its own steps
+
+
+def align(
+    run_dir: str | Path,
+    metrics: str | list[str] | None = None,
+    steps: list[int] | None = None,
+    recompute: bool = False,
+    options: AlignOptions | None = None,
+    workers: int = 0,
+    progress: bool = True,
+    strict: bool = False,
+) -> xr.Dataset:
+    """Compute metrics for every (or the chosen) checkpoint and return the run's cube.
+
+    Already stored checkpoints are skipped unless `recompute`. `workers` > 0 spreads
+    checkpoints over a local dask.distributed cluster. Families a run cannot have are
+    an error when named explicitly (or `strict`), and skipped with a note otherwise.
+    """
+    opts = options or AlignOptions()
+    run_dir = Path(run_dir)
+    store.check_version(run_dir) if run_dir.is_dir() else None
+    explicit = metrics not in (None, "all", ["all"])
+    families = resolve_metrics(metrics)
+    series = Series(run_dir, opts)
+    todo_fams = []
+    for fam in families:
+        why = applicable(series, fam)
+        if why is None:
+            todo_fams.append(fam)
+        elif explicit or strict:
+            raise MetricError(why)
+        else:
+            print(f"note: skipping {fam}: {why}")
+    ckpts = _selected(series, steps)
+    if recompute:
+        for fam in todo_fams:
+            store.drop_steps(run_dir, fam, [c.step for c in ckpts])
+    done = {fam: set(store.stored_steps(run_dir, fam)) for fam in todo_fams}
+    jobs = [(c, [f for f in todo_fams if c.step not in done[f]]) for c in ckpts]
+    jobs = [(c, fams) for c, fams in jobs if fams]
+    attrs = series.attrs | {"align_options": str(asdict(opts))}
+
+    def save(info: CheckpointInfo, result: dict) -> None:
+        for fam, ds in result.items():
+            store.write_step(run_dir, fam, ds, info.step, info.tokens, attrs)
+
+    if workers and jobs:
+        _run_dask(run_dir, jobs, opts, workers, save, progress)
+    else:
+        from tqdm.auto import tqdm
+
+        for info, fams in tqdm(
+            jobs, desc=f"align {run_dir.name}", unit="ckpt", disable=not progress
+        ):
+            save(info, compute_checkpoint(run_dir, info.step, fams, opts))
+    if not jobs and progress:
+        print(f"{run_dir}: every selected checkpoint already stored (use --recompute to redo)")
+    return store.open_cube(run_dir)
+
+
+def _run_dask(run_dir: Path, jobs: list, opts: AlignOptions, workers: int, save, progress: bool):
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise ProbekitError(
+            "--workers needs dask.distributed: pip install 'dask[distributed]'"
+        ) from None
+    from tqdm.auto import tqdm
+
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        futures = {
+            client.submit(compute_checkpoint, run_dir, info.step, fams, opts, pure=False): info
+            for info, fams in jobs
+        }
+        for fut in tqdm(
+            as_completed(futures), total=len(futures), desc="align", disable=not progress
+        ):
+            save(futures[fut], fut.result())  # the driver writes: one writer, results as they come

@@ -1,0 +1,191 @@
+"""Checkpoint-series I/O, shared by the trainer (writes) and the analysis side (reads).
+
+A series is either a probekit run directory (RUN_DIR/checkpoints/step_NNNNNN/) or any
+folder of Hugging Face causal-LM checkpoint folders (step_1000/, checkpoint-1000/, ...).
+Writes are atomic: a folder is built as `.tmp-step_N` and renamed, so a folder named
+`step_*` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup by mistake fails fast, never hangs
+
+from probekit.errors import RunDirError  # noqa: E402
+
+STEP_DIR = "step_{:06d}"
+META_FILE = "probekit.json"
+STATE_FILE = "training_state.pt"
+LOG_FILE = "train_log.jsonl"
+
+__all__ = [
+    "CheckpointInfo",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+    "read_train_log",
+    "write_train_log",
+    "append_train_log",
+]
+
+
+@dataclass
+class CheckpointInfo:
+    step: int
+    path: Path
+    tokens: float = math.nan  # NaN where the series does not say (foreign checkpoints)
+    tokens_per_language: dict[str, float] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def has_state(self) -> bool:
+        return (self.path / STATE_FILE).is_file()
+
+
+def _read_meta(folder: Path) -> dict:
+    f = folder / META_FILE
+    if not f.is_file():
+        return {}
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _info(folder: Path) -> CheckpointInfo | None:
+    meta = _read_meta(folder)
+    step = meta.get("step")
+    if step is None:
+        digits = re.findall(r"\d+", folder.name)
+        if not digits:
+            return None
+        step = int(digits[-1])
+    return CheckpointInfo(
+        step=int(step),
+        path=folder,
+        tokens=float(meta.get("tokens", math.nan)),
+        tokens_per_language={k: float(v) for k, v in meta.get("tokens_per_language", {}).items()},
+        meta=meta,
+    )
+
+
+def list_checkpoints(run_dir_or_series: Path | str) -> list[CheckpointInfo]:
+    """Every checkpoint of a run directory or of a folder of HF checkpoints, by step."""
+    path = Path(run_dir_or_series)
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not root.is_dir():
+        raise RunDirError(f"no checkpoints found in {path}")
+    infos: dict[int, CheckpointInfo] = {}
+    candidates = [root] if (root / "config.json").is_file() else sorted(root.iterdir())
+    for sub in candidates:
+        # dot-folders are unfinished (.tmp-*) or set aside (.corrupt-*)
+        if not sub.is_dir() or sub.name.startswith(".") or not (sub / "config.json").is_file():
+            continue
+        info = _info(sub)
+        if info is None:
+            raise RunDirError(
+                f"{sub}: cannot tell the step (no digits in its name, no {META_FILE})"
+            )
+        if info.step in infos:
+            raise RunDirError(f"{sub}: step {info.step} also in {infos[info.step].path.name}")
+        infos[info.step] = info
+    if not infos:
+        raise RunDirError(f"no checkpoints found in {path}")
+    return [infos[s] for s in sorted(infos)]
+
+
+def load_checkpoint(info: CheckpointInfo | Path | str, device: str = "cpu") -> Any:
+    """The checkpoint's model (`AutoModelForCausalLM`, offline), in eval mode on `device`."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    path = info.path if isinstance(info, CheckpointInfo) else Path(info)
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means the folder is unusable
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise RunDirError(
+            f"{path}: cannot load checkpoint ({type(exc).__name__}: {first[:200]})"
+        ) from None
+    return model.to(device).eval()
+
+
+def save_checkpoint(
+    model: Any,
+    checkpoints_dir: Path,
+    step: int,
+    meta: dict,
+    training_state: dict | None = None,
+    keep_state: int | None = None,
+) -> Path:
+    """Write checkpoints_dir/step_NNNNNN atomically; keep training_state.pt on the newest
+    `keep_state` checkpoints only (older states are large and never needed)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    checkpoints_dir = Path(checkpoints_dir)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    name = STEP_DIR.format(step)
+    final, tmp = checkpoints_dir / name, checkpoints_dir / f".tmp-{name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    hf_logging.disable_progress_bar()
+    model.save_pretrained(tmp, safe_serialization=True)
+    (tmp / META_FILE).write_text(json.dumps({"step": step, **meta}, indent=1) + "\n")
+    if training_state is not None:
+        torch.save(training_state, tmp / STATE_FILE)
+    _fsync_dir(tmp)
+    if final.exists():  # a rerun of a deterministic step: replace the old copy
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    if keep_state is not None:
+        with_state = [i for i in list_checkpoints(checkpoints_dir) if i.has_state]
+        for old in with_state[: max(len(with_state) - keep_state, 0)]:
+            (old.path / STATE_FILE).unlink(missing_ok=True)
+    return final
+
+
+def _fsync_dir(folder: Path) -> None:
+    # flush file contents before the rename makes the folder count as complete
+    for f in folder.iterdir():
+        try:
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        except OSError:
+            pass
+
+
+def read_train_log(run_dir: Path | str) -> list[dict]:
+    """The records of RUN_DIR/train_log.jsonl (a torn last line from a kill is skipped)."""
+    f = Path(run_dir) / LOG_FILE
+    if not f.is_file():
+        return []
+    out = []
+    for line in f.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def write_train_log(run_dir: Path | str, records: list[dict]) -> None:
+    """Rewrite the log atomically (used on resume to drop lines past the resumed step)."""
+    f = Path(run_dir) / LOG_FILE
+    tmp = f.with_name(f.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, f)
+
+
+def append_train_log(run_dir: Path | str, record: dict) -> None:
+    with open(Path(run_dir) / LOG_FILE, "a") as fh:
+        fh.write(json.dumps(record) + "\n")

@@ -1,0 +1,363 @@
+"""The `probekit` command: a thin click layer over the Python API.
+
+Every command calls the same function a notebook would; user errors
+(`ProbekitError`) print one line and exit 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from probekit.errors import ProbekitError
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _friendly(fn):
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ProbekitError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("interrupted: finished checkpoints and stored results are kept", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _steps(value: str | None) -> list[int] | None:
+    if not value:
+        return None
+    try:
+        return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated step numbers, got {value!r}") from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="probekit")
+def cli() -> None:
+    """Probe how language models come to share computation across languages,
+    checkpoint by checkpoint (after Schäfer et al. 2024, arXiv 2404.07982)."""
+
+
+@cli.command()
+@click.argument("config", type=click.Path(path_type=Path))
+@click.option(
+    "--out", "out", required=True, type=click.Path(path_type=Path), help="Run directory to write."
+)
+@click.option(
+    "--max-steps",
+    type=int,
+    default=None,
+    help="Stop after this many steps (the schedule still spans the full budget).",
+)
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Where to train (default: config's train.device).",
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a config field, e.g. --set data.p=0.1 (repeatable).",
+)
+@click.option(
+    "--force", is_flag=True, help="Overwrite a run directory that holds a different config."
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -> None:
+    """Train a GPT on a language mixture and write its checkpoint series to OUT.
+
+    Rerunning on an interrupted OUT resumes from the newest complete checkpoint;
+    a finished run is not retrained."""
+    from probekit.training import train as train_run
+
+    path = train_run(
+        config,
+        out,
+        max_steps=max_steps,
+        device=device,
+        overrides=list(overrides),
+        force=force,
+        progress=not quiet,
+    )
+    click.echo(f"run written to {path}")
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--metrics",
+    default="all",
+    show_default=True,
+    help="Comma-separated metrics or families: similarity (hidden_cos, hidden_cos_centred, cka, "
+    "retrieval_acc, linmap_r2, procrustes_r2), neurons, gradients (grad_cos), embeddings "
+    "(embed_cos), probes (probe_transfer), or all.",
+)
+@click.option("--steps", default=None, help="Only these checkpoint steps, comma-separated.")
+@click.option("--recompute", is_flag=True, help="Recompute checkpoints already stored.")
+@click.option(
+    "--pair", default=None, help="Languages to compare, e.g. EN1,EN3 (default: the first two)."
+)
+@click.option(
+    "--pairs",
+    "n_pairs",
+    type=int,
+    default=64,
+    show_default=True,
+    help="Parallel sequence pairs per checkpoint.",
+)
+@click.option(
+    "--seq-len", type=int, default=None, help="Tokens per sequence (default: min(context, 128))."
+)
+@click.option(
+    "--batch-size", type=int, default=16, show_default=True, help="Pairs per forward batch."
+)
+@click.option(
+    "--grad-pairs",
+    type=int,
+    default=16,
+    show_default=True,
+    help="Pairs used for gradient alignment.",
+)
+@click.option(
+    "--ci",
+    type=float,
+    default=None,
+    help="Bootstrap interval level for similarity metrics, e.g. 0.95.",
+)
+@click.option(
+    "--workers", type=int, default=0, help="Spread checkpoints over this many local dask workers."
+)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def align(
+    run_dir,
+    metrics,
+    steps,
+    recompute,
+    pair,
+    n_pairs,
+    seq_len,
+    batch_size,
+    grad_pairs,
+    ci,
+    workers,
+    device,
+    quiet,
+) -> None:
+    """Per-layer cross-language similarity (and shared machinery) over training time,
+    appended to RUN_DIR/analysis.zarr."""
+    from probekit.analysis import AlignOptions
+    from probekit.analysis import align as run_align
+
+    if ci is not None and not 0 < ci < 1:
+        raise click.BadParameter("--ci must be in (0, 1), e.g. 0.95")
+    opts = AlignOptions(
+        pair=tuple(pair.split(",")) if pair else None,
+        n_pairs=n_pairs,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        n_grad_pairs=grad_pairs,
+        ci=ci,
+        device=device,
+    )
+    cube = run_align(
+        run_dir,
+        metrics=metrics,
+        steps=_steps(steps),
+        recompute=recompute,
+        options=opts,
+        workers=workers,
+        progress=not quiet,
+    )
+    _print_final(cube, ["hidden_cos", "cka", "linmap_r2", "neuron_overlap"])
+    click.echo(f"cube: {Path(run_dir) / 'analysis.zarr'}")
+
+
+def _print_final(cube, names: list[str]) -> None:
+    last = cube.isel(step=-1)
+    for name in names:
+        if name in cube and "layer" in cube[name].dims and cube[name].ndim == 2:
+            vals = " ".join(f"{v:.3f}" for v in last[name].values)
+            click.echo(f"{name:>14} @ step {int(last['step'])} per layer: {vals}")
+
+
+@cli.command("eval")
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--steps", default=None, help="Only these checkpoint steps, comma-separated.")
+@click.option("--stride", type=int, default=None, help="Window stride (default: context/4).")
+@click.option(
+    "--tail",
+    type=int,
+    default=None,
+    help="Scored tokens at the end of each window (default: stride).",
+)
+@click.option(
+    "--max-tokens", type=int, default=None, help="Score at most this many test tokens per language."
+)
+@click.option("--recompute", is_flag=True, help="Recompute checkpoints already stored.")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True)
+@_friendly
+def eval_cmd(run_dir, steps, stride, tail, max_tokens, recompute, device, quiet) -> None:
+    """Test perplexity per language for every checkpoint (sliding window), stored as `ppl`."""
+    from probekit.evaluation import evaluate
+
+    cube = evaluate(
+        run_dir,
+        steps=_steps(steps),
+        stride=stride,
+        tail=tail,
+        max_tokens=max_tokens,
+        recompute=recompute,
+        device=device,
+        progress=not quiet,
+    )
+    last = cube.isel(step=-1)
+    for lang in cube["language"].values:
+        click.echo(
+            f"{lang}: ppl {float(last['ppl'].sel(language=lang)):.3f} at step {int(last['step'])}"
+        )
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--reference",
+    "references",
+    multiple=True,
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Monolingual reference run (repeatable; several budget fractions per language).",
+)
+@click.option(
+    "--control",
+    "controls",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="Update-matched monolingual control run(s) (repeatable).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["auto", "fit", "interp"]),
+    default="auto",
+    show_default=True,
+    help="Scaling reference: power-law fit, log-log interpolation, or auto.",
+)
+@click.option(
+    "--csv",
+    "csv_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the table as CSV here.",
+)
+@_friendly
+def teff(run_dirs, references, controls, method, csv_path) -> None:
+    """Token efficiency (MLPE, MLTE, TEff) per language, like the paper's Table 1."""
+    from probekit.evaluation import teff_table
+
+    table = teff_table(list(run_dirs), list(references), controls=list(controls), method=method)
+    click.echo(table.to_string(index=False))
+    if csv_path:
+        table.to_csv(csv_path, index=False)
+        click.echo(f"table written to {csv_path}")
+
+
+@cli.command()
+@click.argument("grid", type=click.Path(path_type=Path))
+@click.option(
+    "--out", "out", required=True, type=click.Path(path_type=Path), help="Folder for the runs."
+)
+@click.option(
+    "--launch-list",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write one `probekit train` command per run to this file instead of running them.",
+)
+@click.option(
+    "--analyse/--no-analyse",
+    default=True,
+    show_default=True,
+    help="Run align and eval after training.",
+)
+@click.option("--device", default=None, help="Training device.")
+@click.option("--quiet", is_flag=True)
+@_friendly
+def sweep(grid, out, launch_list, analyse, device, quiet) -> None:
+    """Expand a grid (p, schedules, clones, vocab mode, seeds, budgets) into runs and
+    their monolingual references; train the ones not finished, one after another."""
+    from probekit.sweep import run_sweep
+
+    summary = run_sweep(
+        grid, out, launch_list=launch_list, analyse=analyse, device=device, progress=not quiet
+    )
+    click.echo(summary)
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for index.html and PNGs.",
+)
+@click.option("--title", default="probekit report", show_default=True)
+@click.option(
+    "--sweep-table",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="CSV from `probekit teff --csv` for the TEff-vs-p chart.",
+)
+@_friendly
+def report(run_dirs, out, title, sweep_table) -> None:
+    """Self-contained HTML report (and a PNG of every chart) from one or more runs' cubes."""
+    from probekit.reporting import make_report
+
+    path = make_report(list(run_dirs), out, title=title, sweep_table=sweep_table)
+    click.echo(f"report: {path}")
+
+
+@cli.command()
+@click.option(
+    "--out",
+    "out",
+    type=click.Path(path_type=Path),
+    default=Path("demo_runs"),
+    show_default=True,
+    help="Folder for the demo's runs and report.",
+)
+@click.option(
+    "--full", is_flag=True, help="The CPU grid that shows the token-efficiency effect (~30 min)."
+)
+@_friendly
+def demo(out, full) -> None:
+    """Train cloned 50/50 and 90/10 runs plus monolingual references, analyse them,
+    and write the report. Finished work is reused."""
+    from probekit.demo import run_demo
+
+    run_demo(out, full=full)
+
+
+def main() -> None:
+    cli(prog_name="probekit")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,482 @@
+"""Gradient alignment between parallel sequences of two languages (paper §3.4, Figs. 11-13).
+
+For each pair (L1 sequence, L2 sequence) the loss is the mean-token cross-entropy of one sequence
+(pad targets ignored). For every parameter tensor P we take cos(grad_P L1, grad_P L2) and average
+the cosine over pairs.
+
+Fast path (``gradient_alignment``): one forward/backward per chunk and language, with hooks that
+record each layer's input activations and output gradients. Per-sequence gradients are never
+needed in full: for a GPT-2 ``Conv1D`` (y = x W + b) the gradient of sequence i is
+g_i = sum_t a_t^T d_t, so <g_1, g_2> = sum_{t,s} (a1_t . a2_s)(d1_t . d2_s) (the "ghost" inner
+product); we use that or the explicit per-sequence gradient, whichever costs fewer flops.
+Biases, LayerNorms and embeddings have their own closed forms (see ``_dots_*``). Sequences in a
+batch do not interact (causal attention with a padding mask), so the per-position output
+gradients of a summed batch loss are exactly the per-sequence ones.
+
+Reference (``gradient_alignment_reference``): the original two-``backward()``-per-pair loop.
+
+Output ``grad_cos`` dims (layer, tensor):
+  - layer 1..L: block tensors named as under ``transformer.h.{l}`` (``ln_1.weight``,
+    ``attn.c_attn.weight``, ...), plus the paper's split of the fused QKV projection
+    (``attn.q.weight``, ``attn.k.bias``, ...: column slices of ``attn.c_attn``), plus ``block``:
+    one cosine over all parameters of the block (QKV splits not double counted).
+  - layer 0: ``wte.weight``, ``wpe.weight`` and ``block`` (both together).
+  - layer L+1: ``ln_f.weight``, ``ln_f.bias``, ``lm_head.weight`` and ``block``.
+  Cells that do not exist (e.g. ``wte.weight`` at layer 3) are NaN. The paper's 16-tensor mean
+  uses ``PAPER_TENSORS`` over layers 1..L. ``attn.k.bias`` is NaN: its gradient is zero up to
+  rounding (see ``ZERO_TOL``); the paper's K.bias row is rounding noise. For cloned languages
+  ``wte``/``lm_head`` gradients touch (mostly) disjoint rows, so their cosine is ~0 by
+  construction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import xarray as xr
+
+from probekit.errors import MetricError
+
+BLOCK_TENSORS = [
+    "ln_1.weight",
+    "ln_1.bias",
+    "attn.c_attn.weight",
+    "attn.c_attn.bias",
+    "attn.c_proj.weight",
+    "attn.c_proj.bias",
+    "ln_2.weight",
+    "ln_2.bias",
+    "mlp.c_fc.weight",
+    "mlp.c_fc.bias",
+    "mlp.c_proj.weight",
+    "mlp.c_proj.bias",
+]
+QKV_TENSORS = [f"attn.{p}.{w}" for p in "qkv" for w in ("weight", "bias")]
+EMBED_TENSORS = ["wte.weight", "wpe.weight"]
+FINAL_TENSORS = ["ln_f.weight", "ln_f.bias", "lm_head.weight"]
+TENSORS = BLOCK_TENSORS + QKV_TENSORS + EMBED_TENSORS + FINAL_TENSORS + ["block"]
+# The 16 per-block tensors of the paper's heat-maps (Q/K/V split, fused c_attn excluded).
+PAPER_TENSORS = [t for t in BLOCK_TENSORS if not t.startswith("attn.c_attn")] + QKV_TENSORS
+
+_DEFINITION = (
+    "Cosine between the loss gradients (mean-token CE, pad ignored) of an L1 sequence and its "
+    "parallel L2 sequence for one parameter tensor, averaged over pairs."
+)
+
+
+def _check_model(model: torch.nn.Module) -> None:
+    if not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
+        raise MetricError("gradient alignment needs a transformers GPT2LMHeadModel")
+    if model.lm_head.weight is model.transformer.wte.weight:
+        raise MetricError("gradient alignment assumes an untied lm_head; this model ties it")
+    known = {
+        f"transformer.h.{lay}.{t}" for lay in range(len(model.transformer.h)) for t in BLOCK_TENSORS
+    }
+    known |= {
+        "transformer.wte.weight",
+        "transformer.wpe.weight",
+        "transformer.ln_f.weight",
+        "transformer.ln_f.bias",
+        "lm_head.weight",
+    }
+    extra = [n for n, p in model.named_parameters() if p.requires_grad and n not in known]
+    if extra:
+        raise MetricError(f"unsupported parameters for gradient alignment: {extra[:5]}")
+
+
+def _check_inputs(ids1, mask1, ids2, mask2) -> None:
+    for name, ids, mask in (("1", ids1, mask1), ("2", ids2, mask2)):
+        if ids.dim() != 2 or tuple(mask.shape) != tuple(ids.shape):
+            raise MetricError(
+                f"ids{name}/mask{name} must both be [N, T], got "
+                f"{tuple(ids.shape)} and {tuple(mask.shape)}"
+            )
+        n_targets = (mask[:, 1:].bool() & mask[:, :-1].bool()).sum(1)
+        if (n_targets == 0).any():
+            raise MetricError(f"a sequence of language {name} has fewer than 2 real tokens")
+    if ids1.shape[0] != ids2.shape[0] or ids1.shape[0] == 0:
+        raise MetricError(
+            f"need the same positive number of L1 and L2 sequences, got "
+            f"{ids1.shape[0]} and {ids2.shape[0]}"
+        )
+
+
+def _seq_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean-token CE of each sequence [B]; a target counts when it and its context are real."""
+    mask = mask.bool()
+    logits = model(input_ids=ids, attention_mask=mask.long()).logits
+    valid = (mask[:, 1:] & mask[:, :-1]).to(logits.dtype)
+    ce = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")  # [B, T-1]
+    return (ce * valid).sum(1) / valid.sum(1)
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    # No dropout: the gradients must be deterministic functions of the weights.
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _param_key(name: str, n_layers: int) -> tuple[int, str]:
+    """Map a GPT2LMHeadModel parameter name to (layer, tensor)."""
+    if name.startswith("transformer.h."):
+        rest = name[len("transformer.h.") :]
+        lay, t = rest.split(".", 1)
+        return int(lay) + 1, t
+    if name == "lm_head.weight":
+        return n_layers + 1, name
+    t = name[len("transformer.") :]
+    return (0 if t.startswith(("wte", "wpe")) else n_layers + 1), t
+
+
+def _to_dataarray(
+    cos: dict[tuple[int, str], float], n_layers: int, n_pairs: int, method: str
+) -> xr.DataArray:
+    data = np.full((n_layers + 2, len(TENSORS)), np.nan)
+    for (lay, t), v in cos.items():
+        data[lay, TENSORS.index(t)] = v
+    return xr.DataArray(
+        data,
+        dims=("layer", "tensor"),
+        coords={"layer": np.arange(n_layers + 2), "tensor": TENSORS},
+        name="grad_cos",
+        attrs={
+            "definition": _DEFINITION,
+            "n_pairs": int(n_pairs),
+            "loss": "mean-token cross-entropy per sequence, pad targets ignored",
+            "layers": "0 = wte/wpe, 1..L = blocks, L+1 = ln_f/lm_head",
+            "paper_tensors": ",".join(PAPER_TENSORS),
+            "method": method,
+        },
+    )
+
+
+def _qkv_split(key: tuple[int, str], g: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    lay, t = key
+    if not t.startswith("attn.c_attn"):
+        return {}
+    kind = t.rsplit(".", 1)[1]
+    parts = g.chunk(3, dim=-1)  # Conv1D weight [in, 3d] / bias [3d]: columns q | k | v
+    return {(lay, f"attn.{p}.{kind}"): parts[i] for i, p in enumerate("qkv")}
+
+
+# A tensor whose gradient norm is below ZERO_TOL x its block's gradient norm is treated as having
+# zero gradient: its cosine is undefined (NaN) for that pair. This catches attn.k.bias, whose
+# gradient is exactly zero in exact arithmetic (a constant added to every key score of a query
+# cancels in the softmax), so any cosine computed from it only measures rounding noise.
+ZERO_TOL = 1e-6
+
+
+def _finish(stats: dict[tuple[int, str], list[np.ndarray]]) -> dict:
+    cos = {}
+    for key, (d, a, b) in stats.items():
+        ba, bb = stats[(key[0], "block")][1:]
+        zero = (a <= ZERO_TOL**2 * ba) | (b <= ZERO_TOL**2 * bb)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            c = np.where(zero, np.nan, d / np.sqrt(a * b))
+        cos[key] = float(np.nanmean(c)) if np.isfinite(c).any() else float("nan")
+    return cos
+
+
+def gradient_alignment_reference(
+    model: torch.nn.Module,
+    ids1: torch.Tensor,
+    mask1: torch.Tensor,
+    ids2: torch.Tensor,
+    mask2: torch.Tensor,
+) -> xr.DataArray:
+    """Reference loop: two backward passes per pair, cosine per flattened parameter tensor."""
+    _check_model(model)
+    _check_inputs(ids1, mask1, ids2, mask2)
+    n_layers = len(model.transformer.h)
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    keys = [_param_key(n, n_layers) for n, _ in params]
+    sums: dict[tuple[int, str], list[list[float]]] = {}
+
+    def add(key, g1, g2):
+        d = float((g1.double() * g2.double()).sum())
+        a = float(g1.double().square().sum())
+        b = float(g2.double().square().sum())
+        sums.setdefault(key, [[], [], []])
+        for lst, v in zip(sums[key], (d, a, b), strict=True):
+            lst.append(v)
+
+    with _eval_mode(model):
+        for i in range(ids1.shape[0]):
+            grads = []
+            for ids, mask in ((ids1, mask1), (ids2, mask2)):
+                model.zero_grad(set_to_none=True)
+                _seq_losses(model, ids[i : i + 1], mask[i : i + 1]).sum().backward()
+                grads.append(
+                    [
+                        p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                        for _, p in params
+                    ]
+                )
+            model.zero_grad(set_to_none=True)
+            block: dict[int, list[float]] = {}
+            for key, g1, g2 in zip(keys, *grads, strict=True):
+                add(key, g1, g2)
+                for k2, s1 in _qkv_split(key, g1).items():
+                    add(k2, s1, _qkv_split(key, g2)[k2])
+                acc = block.setdefault(key[0], [0.0, 0.0, 0.0])
+                acc[0] += sums[key][0][-1]
+                acc[1] += sums[key][1][-1]
+                acc[2] += sums[key][2][-1]
+            for lay, (d, a, b) in block.items():
+                sums.setdefault((lay, "block"), [[], [], []])
+                for lst, v in zip(sums[(lay, "block")], (d, a, b), strict=True):
+                    lst.append(v)
+    stats = {k: [np.asarray(x) for x in v] for k, v in sums.items()}
+    return _to_dataarray(_finish(stats), n_layers, ids1.shape[0], "reference loop")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast path
+
+
+class _Recorder:
+    """Forward hooks that keep each module's input (detached) and output (for autograd.grad)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.inputs: dict[str, torch.Tensor] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = []
+        tr = model.transformer
+        mods: dict[str, torch.nn.Module] = {
+            "wte": tr.wte,
+            "wpe": tr.wpe,
+            "ln_f": tr.ln_f,
+            "lm_head": model.lm_head,
+        }
+        for lay, blk in enumerate(tr.h):
+            for sub in ("ln_1", "attn.c_attn", "attn.c_proj", "ln_2", "mlp.c_fc", "mlp.c_proj"):
+                mods[f"{lay + 1}:{sub}"] = blk.get_submodule(sub)
+        for name, mod in mods.items():
+            self.handles.append(mod.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str) -> Callable:
+        def hook(mod, args, out):
+            self.inputs[name] = args[0].detach()
+            self.outputs[name] = out
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _ln_hat(x: torch.Tensor, ln: torch.nn.LayerNorm) -> torch.Tensor:
+    mu = x.mean(-1, keepdim=True)
+    var = x.var(-1, unbiased=False, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps)
+
+
+def _gram_dots(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """[B, T1, d], [B, T2, d] -> [B, T1, T2] of row inner products."""
+    return torch.bmm(x1, x2.transpose(1, 2))
+
+
+def _dots_vec(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-sequence gradients given explicitly as [B, ...]."""
+    v1, v2 = v1.flatten(1), v2.flatten(1)
+    # Batched dot products as BLAS calls (no [B, n] temporaries), float64 only for the result.
+    return tuple(torch.einsum("bi,bi->b", x, y).double() for x, y in ((v1, v2), (v1, v1), (v2, v2)))
+
+
+def _dots_linear(
+    a1: torch.Tensor,
+    d1: torch.Tensor,
+    a2: torch.Tensor,
+    d2: torch.Tensor,
+    splits: int = 1,
+    method: str = "auto",
+) -> list[tuple[torch.Tensor, ...]]:
+    """Dots of g = sum_t a_t^T d_t ([in, out]); returns the full tensor then each of ``splits``
+    equal column blocks when splits > 1. Ghost or explicit, whichever costs fewer flops."""
+    bsz, t1, n_in = a1.shape
+    t2, n_out = a2.shape[1], d1.shape[-1]
+    explicit = (t1 + t2) * n_in * n_out + 3 * n_in * n_out
+    ghost = (t1 * t2 + t1 * t1 + t2 * t2) * (n_in + n_out)
+    if method == "explicit" or (method == "auto" and explicit <= ghost):
+        g1 = torch.bmm(a1.transpose(1, 2), d1)
+        g2 = torch.bmm(a2.transpose(1, 2), d2)
+        out = [_dots_vec(g1, g2)]
+        if splits > 1:
+            out += [
+                _dots_vec(s1, s2)
+                for s1, s2 in zip(g1.chunk(splits, -1), g2.chunk(splits, -1), strict=True)
+            ]
+        return out
+    ga = (_gram_dots(a1, a2), _gram_dots(a1, a1), _gram_dots(a2, a2))
+    pieces = [(d1, d2)]
+    if splits > 1:
+        pieces += list(zip(d1.chunk(splits, -1), d2.chunk(splits, -1), strict=True))
+    out = []
+    for e1, e2 in pieces:
+        gd = (_gram_dots(e1, e2), _gram_dots(e1, e1), _gram_dots(e2, e2))
+        out.append(
+            tuple(torch.einsum("bts,bts->b", x, y).double() for x, y in zip(ga, gd, strict=True))
+        )
+    return out
+
+
+def _dots_embedding(
+    i1: torch.Tensor, e1: torch.Tensor, i2: torch.Tensor, e2: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Embedding rows: g = sum_t onehot(i_t) d_t^T, so
+    <g1, g2> = sum_{t,s} [i1_t == i2_s] d1_t . d2_s."""
+
+    def one(ia, ea, ib, eb):
+        same = (ia[:, :, None] == ib[:, None, :]).to(ea.dtype)
+        return torch.einsum("bts,bts->b", same, _gram_dots(ea, eb)).double()
+
+    return one(i1, e1, i2, e2), one(i1, e1, i1, e1), one(i2, e2, i2, e2)
+
+
+def _capture(model, ids, mask):
+    """One forward/backward; returns masked inputs / output-grads per recorded module."""
+    rec = _Recorder(model)
+    try:
+        losses = _seq_losses(model, ids, mask)
+        names = list(rec.outputs)
+        outs = [rec.outputs[n] for n in names]
+        # wpe's output is [1, T, d], broadcast over the batch: its grad would be summed over
+        # sequences, so positions use the grad at wte's output (h = wte + wpe).
+        keep = [n for n in names if n != "wpe"]
+        grads = torch.autograd.grad(losses.sum(), [outs[names.index(n)] for n in keep])
+    finally:
+        rec.remove()
+    m = mask.bool()[:, :, None].to(ids.device)
+    full = bool(m.all())
+
+    def clean(x: torch.Tensor) -> torch.Tensor:
+        # Pad positions carry zero output-grad anyway; zeroing them (torch.where, not a
+        # product) also keeps any non-finite value computed at a pad position out of the sums.
+        x = x.detach().float()
+        return x if full else torch.where(m, x, 0.0)
+
+    gr = {n: clean(g) for n, g in zip(keep, grads, strict=True)}
+    ins = {n: clean(x) for n, x in rec.inputs.items() if n not in ("wte", "wpe")}
+    pos = rec.inputs["wpe"].expand(ids.shape[0], -1)
+    return {"ids": ids, "pos": pos, "grads": gr, "ins": ins}
+
+
+def gradient_alignment(
+    model: torch.nn.Module,
+    ids1: torch.Tensor,
+    mask1: torch.Tensor,
+    ids2: torch.Tensor,
+    mask2: torch.Tensor,
+    chunk_size: int = 16,
+    method: str = "auto",
+) -> xr.DataArray:
+    """Per-tensor gradient cosine of parallel L1/L2 sequences, averaged over pairs.
+
+    ids1/mask1: [N, T] L1 token ids and attention mask (True/1 = real token); ids2/mask2:
+    [N, T'] the parallel L2 sequences. Pairs are processed ``chunk_size`` at a time (memory:
+    activations of 2 x chunk_size sequences plus, per weight, at most 2 x chunk_size gradients).
+    ``method`` ("auto", "ghost", "explicit") picks how weight-gradient inner products are
+    formed; "auto" takes the one with fewer flops per tensor (both are exact).
+    Returns ``grad_cos`` (layer, tensor); see the module docstring for the layout.
+    """
+    _check_model(model)
+    _check_inputs(ids1, mask1, ids2, mask2)
+    if method not in ("auto", "ghost", "explicit"):
+        raise MetricError(f"unknown method {method!r}; use auto, ghost or explicit")
+    if chunk_size < 1:
+        raise MetricError(f"chunk_size must be >= 1, got {chunk_size}")
+    tr = model.transformer
+    n_layers = len(tr.h)
+    stats: dict[tuple[int, str], list[list[np.ndarray]]] = {}
+
+    def add(key, dots):
+        lst = stats.setdefault(key, [[], [], []])
+        for i, v in enumerate(dots):
+            lst[i].append(v.detach().cpu().numpy())
+
+    with _eval_mode(model):
+        for lo in range(0, ids1.shape[0], chunk_size):
+            sl = slice(lo, lo + chunk_size)
+            c1 = _capture(model, ids1[sl], mask1[sl])
+            c2 = _capture(model, ids2[sl], mask2[sl])
+            block: dict[int, list[torch.Tensor]] = {}
+
+            def put(lay, t, dots, to_block=True, block=block):
+                add((lay, t), dots)
+                if to_block:
+                    acc = block.setdefault(lay, [0, 0, 0])
+                    for i in range(3):
+                        acc[i] = acc[i] + dots[i]
+
+            g1, g2, x1, x2 = c1["grads"], c2["grads"], c1["ins"], c2["ins"]
+            put(0, "wte.weight", _dots_embedding(c1["ids"], g1["wte"], c2["ids"], g2["wte"]))
+            put(0, "wpe.weight", _dots_embedding(c1["pos"], g1["wte"], c2["pos"], g2["wte"]))
+            for lay in range(1, n_layers + 1):
+                blk = tr.h[lay - 1]
+                for ln in ("ln_1", "ln_2"):
+                    n = f"{lay}:{ln}"
+                    mod = blk.get_submodule(ln)
+                    h1, h2 = _ln_hat(x1[n], mod), _ln_hat(x2[n], mod)
+                    # LayerNorm: grad_gamma = sum_t xhat_t * d_t, grad_beta = sum_t d_t.
+                    put(lay, f"{ln}.weight", _dots_vec((h1 * g1[n]).sum(1), (h2 * g2[n]).sum(1)))
+                    put(lay, f"{ln}.bias", _dots_vec(g1[n].sum(1), g2[n].sum(1)))
+                for sub in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+                    n = f"{lay}:{sub}"
+                    qkv = sub == "attn.c_attn"
+                    w = _dots_linear(
+                        x1[n], g1[n], x2[n], g2[n], splits=3 if qkv else 1, method=method
+                    )
+                    b1, b2 = g1[n].sum(1), g2[n].sum(1)
+                    put(lay, f"{sub}.weight", w[0])
+                    put(lay, f"{sub}.bias", _dots_vec(b1, b2))
+                    if qkv:
+                        for i, p in enumerate("qkv"):
+                            put(lay, f"attn.{p}.weight", w[1 + i], to_block=False)
+                            put(
+                                lay,
+                                f"attn.{p}.bias",
+                                _dots_vec(b1.chunk(3, -1)[i], b2.chunk(3, -1)[i]),
+                                to_block=False,
+                            )
+            fin = n_layers + 1
+            h1, h2 = _ln_hat(x1["ln_f"], tr.ln_f), _ln_hat(x2["ln_f"], tr.ln_f)
+            put(fin, "ln_f.weight", _dots_vec((h1 * g1["ln_f"]).sum(1), (h2 * g2["ln_f"]).sum(1)))
+            put(fin, "ln_f.bias", _dots_vec(g1["ln_f"].sum(1), g2["ln_f"].sum(1)))
+            # lm_head (Linear, weight [V, d]): g = sum_t dlogits_t^T h_t -> same as Conv1D.
+            put(
+                fin,
+                "lm_head.weight",
+                _dots_linear(
+                    x1["lm_head"], g1["lm_head"], x2["lm_head"], g2["lm_head"], method=method
+                )[0],
+            )
+            for lay, dots in block.items():
+                add((lay, "block"), dots)
+    merged = {k: [np.concatenate(x) for x in v] for k, v in stats.items()}
+    return _to_dataarray(
+        _finish(merged),
+        n_layers,
+        ids1.shape[0],
+        f"batched hooks, per-tensor inner products ({method})",
+    )
+
+
+def mean_paper_tensors(grad_cos: xr.DataArray) -> float:
+    """The paper's "Mean": unweighted mean over PAPER_TENSORS x blocks 1..L (NaN cells, i.e.
+    attn.k.bias, skipped)."""
+    n_layers = int(grad_cos.layer.max()) - 1
+    sub = grad_cos.sel(layer=slice(1, n_layers), tensor=PAPER_TENSORS)
+    val = float(sub.mean())
+    return val if not math.isnan(val) else float("nan")

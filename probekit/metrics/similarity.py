@@ -1,0 +1,731 @@
+"""Per-layer cross-language representation similarity with streaming accumulators (paper §3.3).
+
+The driver feeds batches of parallel pairs (L1 sequence, L2 sequence) and memory does not grow
+with the number of pairs, except for the mean-pooled sequence vectors kept for retrieval
+(2 * n_layers * d float64 per pair: 160 KB per pair at d=768, 13 layers).
+
+Token pairing
+-------------
+* ``aligned=True`` (cloned languages, paper "one_by_one"): position t of the L1 sequence is paired
+  with position t of the L2 sequence, over positions real in both masks (equal for clones; for
+  the different-text baseline the shorter text decides).
+* ``aligned=False`` (real languages, paper "max_matching"): per pair, the T1 x T2 token cosine
+  matrix is averaged over the matching layers (default: layers 1..L, the block outputs the paper
+  used; layer 0 = embeddings is not in the average) and a maximum-weight one-to-one matching is
+  found with ``scipy.optimize.linear_sum_assignment``. ONE matching is shared by all layers, as in
+  the paper: with a per-layer matching each layer would pick its own most similar tokens, so
+  layers would be compared on different token pairs and every layer would be inflated by the
+  optimisation (more so for noisy layers), making the layer profile hard to read. The matched
+  token pairs also feed CKA / linmap / Procrustes.
+
+Definitions (X = L1 token states, Y = L2 token states on the paired tokens, one layer)
+------------------------------------------------------------------------------------------
+* ``hidden_cos``: mean over pairs of the per-pair mean token cosine (paper definition).
+* ``hidden_cos_centred``: a *pooled* cosine of centred states,
+  sum_t (x_t-m1).(y_t-m2) / sqrt(sum_t |x_t-m1|^2 * sum_t |y_t-m2|^2), with m1, m2 the mean of
+  ALL real tokens of each language (matched or not). A mean of per-token ratios of centred
+  vectors is not computable in one streaming pass (the means are only known at the end); the
+  pooled ratio is exactly decomposable into d-sized sums, so it is exact, not an approximation.
+* ``cka``: debiased linear CKA (unbiased HSIC, Song et al. 2012) computed exactly from
+  feature-space sums (X'X, Y'Y, X'Y, column sums, sum x|x|^2, sum x|y|^2, ... see ``_hsic_u``);
+  equals ``cka_debiased_gram`` to rounding. ``cka_biased``: Kornblith 2019 biased linear CKA.
+* ``retrieval_acc``: sequences are mean-pooled over their real tokens; an L1 sequence is a hit if
+  no L2 sequence has a strictly higher cosine than its own translation (ties count as hits, which
+  only matters for exactly duplicated texts); and the reverse. Chance = 1 / n_pairs.
+* ``linmap_r2``: ridge map Y -> X with intercept, fitted on the tokens of pairs with even
+  pair_index, lambda = ridge * trace(Cov_fit(Y)) / d (relative to the mean eigenvalue, so the
+  strength does not depend on the scale of the states); R^2 = 1 - SSE/SST on pairs with odd
+  pair_index, SST around the test-half mean, summed over dims.
+* ``procrustes_r2``: similarity transform Y -> X: centre each language with the FIT-half means,
+  W = U V' from the SVD of the centred cross-covariance Cov_fit(Y, X) = U S V', plus one isotropic
+  scale s = trace(S) / trace(Cov_fit(Y)) (least squares; without it a plain norm difference
+  between languages would dominate the score), scored as R^2 on the odd half like linmap.
+* ``*_baseline``: the same code path on ``update_baseline`` data (the L2 side is a different
+  pair's text). For retrieval the baseline is the same code path too, so its "own translation" is
+  the other text and it is expected to be below chance.
+
+Exactness: all sums are float64. Before accumulating, each language's states are shifted by a
+fixed per-layer vector (the mean of the first batch): every accumulator-based metric is exactly
+invariant to such a shift, and it avoids cancellation from the large mean component of residual
+streams. Token cosines are computed in float32 (float64 if the input is float64) and summed in
+float64.
+
+Confidence intervals (block bootstrap): pair i goes to group ``pair_index % n_groups``; each
+(group, parity) cell keeps its own additive sums, a replicate resamples groups with replacement
+and adds their sums, intervals are percentiles. Retrieval is bootstrapped by resampling pooled
+sequences (pairs) directly. Replicates with an undefined value (e.g. no odd pair drawn) are
+dropped (nan-percentile).
+
+Memory: d x d sums per layer per cell: X'Y, Y'Y (linmap/procrustes) and X'X (cka). For d=768 and
+13 layers one d x d family is 13*768^2*8 B = 61 MB, so the three cost 184 MB per cell. Cells =
+(group, parity) pairs actually seen: 2 without groups, n_groups with an even n_groups. With
+all metrics, ci and a baseline: 2 streams * 20 groups * 184 MB = 7.4 GB (d=1024, 25 layers:
+25 GB); use fewer groups, fewer layers or fewer metrics for big models. ``nbytes`` reports it.
+Bootstrap cost: one batched d x d solve + SVD per layer per replicate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import xarray as xr
+from scipy.optimize import linear_sum_assignment
+
+from probekit.errors import MetricError
+
+METRICS = (
+    "hidden_cos",
+    "hidden_cos_centred",
+    "cka",
+    "retrieval_acc",
+    "linmap_r2",
+    "procrustes_r2",
+)
+DIRECTIONS = ["L1->L2", "L2->L1"]
+_EPS = 1e-12
+
+_DEFINITIONS = {
+    "hidden_cos": "mean over pairs of the per-pair mean cosine between paired token states "
+    "(aligned positions, or one layer-averaged max-weight matching shared by all layers)",
+    "hidden_cos_centred": "pooled cosine sum_t (x_t-m1).(y_t-m2) / sqrt(sum_t |x_t-m1|^2 "
+    "sum_t |y_t-m2|^2) over paired tokens, m = mean of all real tokens of each language",
+    "cka": "debiased linear CKA (unbiased HSIC, Song et al. 2012) between paired token states",
+    "cka_biased": "biased linear CKA (Kornblith et al. 2019) between paired token states",
+    "retrieval_acc": "fraction of sequences whose own translation has the highest cosine among "
+    "all other-language sequences (mean-pooled real tokens, ties count as hits)",
+    "linmap_r2": "held-out R^2 (odd pair_index) of a ridge map L2->L1 with intercept fitted on "
+    "even pair_index tokens, lambda = ridge * trace(Cov(Y))/d",
+    "procrustes_r2": "held-out R^2 (odd pair_index) of a rotation plus isotropic scale L2->L1 "
+    "fitted on even pair_index tokens after centring with fit-half means",
+}
+
+
+# ----------------------------------------------------------------------------- one-shot helpers
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(_EPS)
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def token_cosine(h1: torch.Tensor, h2: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
+    """Per-pair mean cosine over real aligned positions.
+
+    h1, h2: [L, B, T, d]; mask: [B, T] (True = real token). Returns float64 [L, B].
+    """
+    if h1.shape != h2.shape or h1.dim() != 4 or tuple(mask.shape) != tuple(h1.shape[1:3]):
+        raise MetricError(
+            f"token_cosine needs h1, h2 [L,B,T,d] and mask [B,T], got "
+            f"{tuple(h1.shape)}, {tuple(h2.shape)}, {tuple(mask.shape)}"
+        )
+    dt = _work_dtype(h1)
+    a, b = h1.detach().to(dt), h2.detach().to(dt)
+    # one fused pass per quantity: avoids materialising unit vectors for the whole batch
+    dot = torch.linalg.vecdot(a, b)
+    den = (torch.linalg.vector_norm(a, dim=-1) * torch.linalg.vector_norm(b, dim=-1)).clamp_min(
+        _EPS
+    )
+    m = mask.to(dt)
+    n = mask.sum(-1)
+    if bool((n == 0).any()):
+        raise MetricError("a sequence has no real tokens (mask all False)")
+    cos = ((dot / den) * m).sum(-1, dtype=torch.float64) / n.to(torch.float64)
+    return cos.cpu().numpy()
+
+
+def _match(c: torch.Tensor, match_layers: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Max-weight one-to-one matching on the layer-averaged cosine matrix c [L, T1, T2]."""
+    avg = c[list(match_layers)].mean(0).to(torch.float64).cpu().numpy()
+    r, col = linear_sum_assignment(avg, maximize=True)
+    return r, col
+
+
+def _default_match_layers(n_layers: int) -> list[int]:
+    return list(range(1, n_layers)) if n_layers > 1 else [0]
+
+
+def matched_cosine(
+    h1_seq: torch.Tensor, h2_seq: torch.Tensor, match_layers: Sequence[int] | None = None
+) -> np.ndarray:
+    """Per-layer mean cosine over one matching of the tokens of two sequences.
+
+    h1_seq: [L, T1, d], h2_seq: [L, T2, d] (real tokens only). The matching maximises the
+    cosine averaged over ``match_layers`` (default 1..L) and is shared by all layers.
+    Returns float64 [L].
+    """
+    if h1_seq.dim() != 3 or h2_seq.dim() != 3 or h1_seq.shape[0] != h2_seq.shape[0]:
+        raise MetricError("matched_cosine needs [L, T1, d] and [L, T2, d] stacks")
+    if h1_seq.shape[2] != h2_seq.shape[2]:
+        raise MetricError(f"d differs: {h1_seq.shape[2]} vs {h2_seq.shape[2]}")
+    if h1_seq.shape[1] == 0 or h2_seq.shape[1] == 0:
+        raise MetricError("a sequence has no tokens")
+    ml = _default_match_layers(h1_seq.shape[0]) if match_layers is None else match_layers
+    dt = _work_dtype(h1_seq)
+    c = _unit(h1_seq.detach().to(dt)) @ _unit(h2_seq.detach().to(dt)).transpose(1, 2)
+    r, col = _match(c, ml)
+    return c[:, r, col].to(torch.float64).mean(1).cpu().numpy()
+
+
+def _retrieval_beats(p1: np.ndarray, p2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For p1, p2 [L, n, d]: beat12[l,i,j] = cos(p1_i, p2_j) > cos(p1_i, p2_i); beat21 likewise."""
+    u1 = p1 / np.maximum(np.linalg.norm(p1, axis=-1, keepdims=True), _EPS)
+    u2 = p2 / np.maximum(np.linalg.norm(p2, axis=-1, keepdims=True), _EPS)
+    s = u1 @ u2.transpose(0, 2, 1)  # [L, n1, n2]
+    diag = np.diagonal(s, axis1=1, axis2=2)  # [L, n]
+    beat12 = s > diag[:, :, None]
+    beat21 = s.transpose(0, 2, 1) > diag[:, :, None]
+    return beat12, beat21
+
+
+def retrieval_accuracy(p1: np.ndarray, p2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Translation retrieval accuracy from pooled vectors.
+
+    p1, p2: [n, d] or [L, n, d]; row i of p2 is the translation of row i of p1. Returns
+    (L1->L2, L2->L1) accuracies, floats arrays of shape [] or [L].
+    """
+    p1, p2 = np.asarray(p1, np.float64), np.asarray(p2, np.float64)
+    if p1.shape != p2.shape or p1.ndim not in (2, 3) or p1.shape[-2] < 2:
+        raise MetricError(f"retrieval needs two [n>=2, d] or [L, n, d] arrays, got {p1.shape}")
+    squeeze = p1.ndim == 2
+    if squeeze:
+        p1, p2 = p1[None], p2[None]
+    b12, b21 = _retrieval_beats(p1, p2)
+    a12, a21 = (~b12.any(-1)).mean(-1), (~b21.any(-1)).mean(-1)
+    return (a12[0], a21[0]) if squeeze else (a12, a21)
+
+
+# ------------------------------------------------------------------------- reference CKA (n x n)
+
+
+def _hsic_u_gram(k: np.ndarray, l: np.ndarray) -> float:
+    n = k.shape[0]
+    k, l = k.copy(), l.copy()
+    np.fill_diagonal(k, 0.0)
+    np.fill_diagonal(l, 0.0)
+    one = np.ones(n)
+    t = np.trace(k @ l)
+    t += (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
+    t -= 2.0 * (one @ k @ l @ one) / (n - 2)
+    return float(t / (n * (n - 3)))
+
+
+def cka_debiased_gram(x: np.ndarray, y: np.ndarray) -> float:
+    """Debiased linear CKA from n x n Gram matrices (reference; O(n^2) memory). Needs n >= 4."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if x.shape[0] != y.shape[0] or x.shape[0] < 4:
+        raise MetricError("debiased CKA needs the same n >= 4 rows in X and Y")
+    k, l = x @ x.T, y @ y.T
+    return _hsic_u_gram(k, l) / np.sqrt(_hsic_u_gram(k, k) * _hsic_u_gram(l, l))
+
+
+def cka_biased_gram(x: np.ndarray, y: np.ndarray) -> float:
+    """Biased linear CKA tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)) (reference, Kornblith 2019)."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    n = x.shape[0]
+    h = np.eye(n) - 1.0 / n
+    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
+    return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
+
+
+# --------------------------------------------------------------------- metrics from summed cells
+
+
+def _hsic_u(s: dict, a: str, b: str) -> np.ndarray:
+    """Unbiased HSIC per layer from feature-space sums (exactly the Gram formula).
+
+    With K = XX', L = YY' and zeroed diagonals K~, L~:
+      tr(K~L~)  = |X'Y|_F^2 - sum_i |x_i|^2 |y_i|^2
+      1'K~1     = |sum x|^2 - sum_i |x_i|^2
+      1'K~L~1   = sx' X'Y sy - sx.sum_i x_i|y_i|^2 - sy.sum_i y_i|x_i|^2 + sum_i |x_i|^2|y_i|^2
+    """
+    n = s["n"]
+    sa, sb = s["s" + a], s["s" + b]
+    if a == b:
+        m = s[a + a]
+        na2nb2 = s["n" + a + "4"]
+        va_nb = vb_na = s[a + "_n" + a + "2"]
+    else:
+        m = s[a + b]  # X'Y
+        na2nb2 = s["nx2ny2"]
+        va_nb, vb_na = s["x_ny2"], s["y_nx2"]
+    tr = (m * m).sum((-1, -2)) - na2nb2
+    ka = (sa * sa).sum(-1) - s["n" + a + "2"]
+    kb = (sb * sb).sum(-1) - s["n" + b + "2"]
+    kl = np.einsum("ld,lde,le->l", sa, m, sb) - (sa * va_nb).sum(-1) - (sb * vb_na).sum(-1)
+    kl = kl + na2nb2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (tr + ka * kb / ((n - 1) * (n - 2)) - 2.0 * kl / (n - 2)) / (n * (n - 3))
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(den > 0, num / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
+
+
+def _cka(s: dict) -> tuple[np.ndarray, np.ndarray]:
+    n = s["n"]
+    if n < 4:
+        nan = np.full(s["sx"].shape[0], np.nan)
+        return nan, nan
+    deb = _ratio(_hsic_u(s, "x", "y"), _hsic_u(s, "x", "x") * _hsic_u(s, "y", "y"))
+    mx, my = s["sx"] / n, s["sy"] / n
+
+    def cen(m: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+        return m - n * u[:, :, None] * v[:, None, :]
+
+    cxy, cxx, cyy = cen(s["xy"], mx, my), cen(s["xx"], mx, mx), cen(s["yy"], my, my)
+    num = (cxy * cxy).sum((-1, -2))
+    den = (cxx * cxx).sum((-1, -2)) * (cyy * cyy).sum((-1, -2))
+    return deb, _ratio(num, den)
+
+
+def _centred_cos(s: dict) -> np.ndarray:
+    n = s["n"]
+    m1, m2 = s["ax"] / s["an1"], s["ay"] / s["an2"]
+    num = s["dot"] - (m1 * s["sy"]).sum(-1) - (m2 * s["sx"]).sum(-1) + n * (m1 * m2).sum(-1)
+    v1 = s["nx2"] - 2 * (m1 * s["sx"]).sum(-1) + n * (m1 * m1).sum(-1)
+    v2 = s["ny2"] - 2 * (m2 * s["sy"]).sum(-1) + n * (m2 * m2).sum(-1)
+    return _ratio(num, v1 * v2)
+
+
+def _map_r2(fit: dict, test: dict, kind: str, ridge: float) -> np.ndarray:
+    """Held-out R^2 of x^ = y A + b, everything from sums (no token storage)."""
+    n_layers, d = fit["sx"].shape
+    if fit["n"] < 2 or test["n"] < 2:
+        return np.full(n_layers, np.nan)
+    nf = fit["n"]
+    mxf, myf = fit["sx"] / nf, fit["sy"] / nf
+    cyy = fit["yy"] - nf * myf[:, :, None] * myf[:, None, :]
+    cyx = fit["xy"].transpose(0, 2, 1) - nf * myf[:, :, None] * mxf[:, None, :]  # Y'X centred
+    tr_yy = np.trace(cyy, axis1=1, axis2=2)
+    if kind == "linmap":
+        lam = ridge * tr_yy / d
+        a = np.linalg.solve(cyy + lam[:, None, None] * np.eye(d), cyx)
+    else:
+        u, sv, vt = np.linalg.svd(cyx)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            scale = np.where(tr_yy > 0, sv.sum(-1) / tr_yy, 0.0)
+        a = scale[:, None, None] * (u @ vt)
+    b = mxf - np.einsum("ld,lde->le", myf, a)
+    nt = test["n"]
+    yx_t = test["xy"].transpose(0, 2, 1)
+    sse = (
+        test["nx2"]
+        - 2 * np.einsum("lde,lde->l", a, yx_t)
+        - 2 * (test["sx"] * b).sum(-1)
+        + np.einsum("lde,ldf,lfe->l", a, test["yy"], a)
+        + 2 * (np.einsum("ld,lde->le", test["sy"], a) * b).sum(-1)
+        + nt * (b * b).sum(-1)
+    )
+    sst = test["nx2"] - (test["sx"] * test["sx"]).sum(-1) / nt
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(sst > 0, 1.0 - sse / sst, np.nan)
+
+
+# ---------------------------------------------------------------------------- streaming classes
+
+
+class _Stream:
+    """Additive per-(group, parity) sums for one kind of pairing (main or baseline)."""
+
+    def __init__(self, owner: SimilarityAccumulator) -> None:
+        self.o = owner
+        self.cells: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.seen: set[int] = set()
+        self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _new_cell(self) -> dict[str, torch.Tensor]:
+        o = self.o
+        L, d = o.n_layers, o.d_model
+
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64)
+
+        c = {"n_pairs": z(), "cos_sum": z(L), "n": z(), "an1": z(), "an2": z()}
+        for k in ("sx", "sy", "ax", "ay"):
+            c[k] = z(L, d)
+        for k in ("dot", "nx2", "ny2"):
+            c[k] = z(L)
+        if o._need_map or o._need_cka:
+            c["xy"], c["yy"] = z(L, d, d), z(L, d, d)
+        if o._need_cka:
+            c["xx"] = z(L, d, d)
+            for k in ("x_nx2", "y_ny2", "x_ny2", "y_nx2"):
+                c[k] = z(L, d)
+            for k in ("nx4", "ny4", "nx2ny2"):
+                c[k] = z(L)
+        return c
+
+    def update(self, h1, mask1, h2, mask2, pair_index) -> None:  # noqa: ANN001 - validated
+        o = self.o
+        h1, mask1, h2, mask2, idx = o._validate(h1, mask1, h2, mask2, pair_index)
+        dup = self.seen.intersection(idx.tolist())
+        if dup or len(set(idx.tolist())) != len(idx):
+            raise MetricError(f"pair_index fed twice to the same stream: {sorted(dup)[:5]}")
+        self.seen.update(idx.tolist())
+        B = h1.shape[1]
+        dt = _work_dtype(h1)
+        h1, h2 = h1.detach().to("cpu", dt), h2.detach().to("cpu", dt)
+        mask1, mask2 = mask1.to("cpu", torch.bool), mask2.to("cpu", torch.bool)
+
+        # per-pair cosine and the token pairing
+        if o.aligned:
+            joint = mask1 & mask2  # equal for clones; differs for the different-text baseline
+            cos = token_cosine(h1, h2, joint)  # [L, B]
+            pos = [torch.nonzero(joint[b]).squeeze(1) for b in range(B)]
+            rows, cols = pos, pos
+        else:
+            cos = np.empty((o.n_layers, B))
+            rows, cols = [], []
+            for b in range(B):
+                r1, r2 = torch.nonzero(mask1[b]).squeeze(1), torch.nonzero(mask2[b]).squeeze(1)
+                c = _unit(h1[:, b, r1]) @ _unit(h2[:, b, r2]).transpose(1, 2)
+                r, col = _match(c, o.match_layers)
+                cos[:, b] = c[:, r, col].to(torch.float64).mean(1).numpy()
+                rows.append(r1[torch.from_numpy(r)])
+                cols.append(r2[torch.from_numpy(col)])
+
+        # pooled sequences for retrieval (small: [B, L, d] per batch)
+        if o._need_retrieval:
+            m1, m2 = mask1.to(torch.float64), mask2.to(torch.float64)
+            p1 = torch.einsum("lbtd,bt->bld", h1.to(torch.float64), m1) / m1.sum(1)[:, None, None]
+            p2 = torch.einsum("lbtd,bt->bld", h2.to(torch.float64), m2) / m2.sum(1)[:, None, None]
+            self.pooled.append((idx.copy(), p1.numpy(), p2.numpy()))
+
+        if self.shift is None:
+            # fixed shift (mean of the first batch): exact invariance, less cancellation
+            self.shift = (
+                h1.to(torch.float64)[:, mask1].mean(1),
+                h2.to(torch.float64)[:, mask2].mean(1),
+            )
+        c1, c2 = self.shift
+        groups = idx % o.n_groups if o.n_groups else np.zeros_like(idx)
+        keys = list(zip(groups.tolist(), (idx % 2).tolist(), strict=True))
+        for key in sorted(set(keys)):
+            sel = [b for b in range(B) if keys[b] == key]
+            cell = self.cells.get(key)
+            if cell is None:
+                cell = self.cells[key] = self._new_cell()
+            self._accumulate(cell, h1, mask1, h2, mask2, sel, rows, cols, cos, c1, c2)
+
+    def _accumulate(self, cell, h1, mask1, h2, mask2, sel, rows, cols, cos, c1, c2) -> None:  # noqa: ANN001
+        o = self.o
+        f64 = torch.float64
+        cell["n_pairs"] += len(sel)
+        cell["cos_sum"] += torch.from_numpy(cos[:, sel].sum(1))
+        if not o._need_tokens:
+            return
+        x = torch.cat([h1[:, b, rows[b]] for b in sel], 1).to(f64) - c1[:, None]
+        y = torch.cat([h2[:, b, cols[b]] for b in sel], 1).to(f64) - c2[:, None]
+        a1 = torch.cat([h1[:, b, mask1[b]] for b in sel], 1).to(f64) - c1[:, None]
+        a2 = torch.cat([h2[:, b, mask2[b]] for b in sel], 1).to(f64) - c2[:, None]
+        cell["n"] += x.shape[1]
+        cell["an1"] += a1.shape[1]
+        cell["an2"] += a2.shape[1]
+        cell["ax"] += a1.sum(1)
+        cell["ay"] += a2.sum(1)
+        cell["sx"] += x.sum(1)
+        cell["sy"] += y.sum(1)
+        nx2, ny2 = (x * x).sum(-1), (y * y).sum(-1)  # [L, N]
+        cell["dot"] += (x * y).sum((1, 2))
+        cell["nx2"] += nx2.sum(1)
+        cell["ny2"] += ny2.sum(1)
+        if "xy" in cell:
+            xt = x.transpose(1, 2)
+            cell["xy"] += xt @ y
+            cell["yy"] += y.transpose(1, 2) @ y
+            if o._need_cka:
+                cell["xx"] += xt @ x
+                cell["x_nx2"] += (x * nx2[..., None]).sum(1)
+                cell["y_ny2"] += (y * ny2[..., None]).sum(1)
+                cell["x_ny2"] += (x * ny2[..., None]).sum(1)
+                cell["y_nx2"] += (y * nx2[..., None]).sum(1)
+                cell["nx4"] += (nx2 * nx2).sum(1)
+                cell["ny4"] += (ny2 * ny2).sum(1)
+                cell["nx2ny2"] += (nx2 * ny2).sum(1)
+
+    # -- reduction
+
+    def _sum(self, weights: dict[tuple[int, int], float]) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        for key, w in weights.items():
+            if w == 0:
+                continue
+            for k, v in self.cells[key].items():
+                a = v.numpy()
+                if k in out:
+                    out[k] += w * a
+                else:
+                    out[k] = w * a
+        for k in ("n", "n_pairs", "an1", "an2"):
+            if k in out:
+                out[k] = float(out[k])
+        return out
+
+    def metrics(self, weights: dict[tuple[int, int], float]) -> dict[str, np.ndarray]:
+        o = self.o
+        L = o.n_layers
+        nan = np.full(L, np.nan)
+        w_fit = {k: w for k, w in weights.items() if k[1] == 0}
+        w_test = {k: w for k, w in weights.items() if k[1] == 1}
+        fit, test = self._sum(w_fit), self._sum(w_test)
+        tot = {k: fit.get(k, 0) + test.get(k, 0) for k in set(fit) | set(test)}
+        res: dict[str, np.ndarray] = {}
+        have = bool(tot) and tot["n_pairs"] > 0
+        if "hidden_cos" in o.metrics:
+            res["hidden_cos"] = tot["cos_sum"] / tot["n_pairs"] if have else nan
+        if "hidden_cos_centred" in o.metrics:
+            res["hidden_cos_centred"] = _centred_cos(tot) if have else nan
+        if o._need_cka:
+            res["cka"], res["cka_biased"] = _cka(tot) if have else (nan, nan)
+        for m, kind in (("linmap_r2", "linmap"), ("procrustes_r2", "procrustes")):
+            if m in o.metrics:
+                ok = bool(fit) and bool(test)
+                res[m] = _map_r2(fit, test, kind, o.ridge) if ok else nan
+        return res
+
+    def pooled_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        idx = np.concatenate([p[0] for p in self.pooled])
+        order = np.argsort(idx, kind="stable")
+        p1 = np.concatenate([p[1] for p in self.pooled])[order].transpose(1, 0, 2)
+        p2 = np.concatenate([p[2] for p in self.pooled])[order].transpose(1, 0, 2)
+        return p1, p2  # [L, n, d], rows sorted by pair_index
+
+    def nbytes(self) -> int:
+        cells = sum(v.numel() * v.element_size() for c in self.cells.values() for v in c.values())
+        return cells + sum(p[1].nbytes + p[2].nbytes for p in self.pooled)
+
+
+class SimilarityAccumulator:
+    """Streaming per-layer similarity of L1 vs L2 hidden states over batches of parallel pairs.
+
+    See the module docstring for definitions. ``update`` / ``update_baseline`` take
+    h [L+1, B, T, d] float tensors, masks [B, T] bool and pair_index [B] int; ``result`` returns
+    an xarray.Dataset with dims ``layer`` (and ``direction`` for retrieval).
+    """
+
+    def __init__(
+        self,
+        n_layers_plus_1: int,
+        d_model: int,
+        metrics: Sequence[str] = METRICS,
+        aligned: bool = True,
+        n_groups: int | None = None,
+        ridge: float = 1e-2,
+        match_layers: Sequence[int] | None = None,
+    ) -> None:
+        if int(n_layers_plus_1) < 1 or int(d_model) < 1:
+            raise MetricError(
+                f"need n_layers_plus_1 >= 1 and d_model >= 1, got {n_layers_plus_1}, {d_model}"
+            )
+        metrics = tuple(metrics)
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown or not metrics:
+            raise MetricError(f"unknown similarity metric(s) {unknown}; choose from {METRICS}")
+        if n_groups is not None and int(n_groups) < 2:
+            raise MetricError(f"n_groups must be >= 2 or None, got {n_groups}")
+        if not ridge >= 0:
+            raise MetricError(f"ridge must be >= 0, got {ridge}")
+        self.n_layers, self.d_model = int(n_layers_plus_1), int(d_model)
+        self.metrics, self.aligned, self.ridge = metrics, bool(aligned), float(ridge)
+        self.n_groups = None if n_groups is None else int(n_groups)
+        ml = _default_match_layers(self.n_layers) if match_layers is None else list(match_layers)
+        if not ml or any(not 0 <= m < self.n_layers for m in ml):
+            raise MetricError(f"match_layers must lie in [0, {self.n_layers}), got {ml}")
+        self.match_layers = ml
+        self._need_cka = "cka" in metrics
+        self._need_map = "linmap_r2" in metrics or "procrustes_r2" in metrics
+        self._need_retrieval = "retrieval_acc" in metrics
+        # token-level sums are only needed beyond the per-pair cosine
+        self._need_tokens = self._need_cka or self._need_map or "hidden_cos_centred" in metrics
+        self._main, self._base = _Stream(self), _Stream(self)
+
+    # -- input
+
+    def _validate(self, h1, mask1, h2, mask2, pair_index):  # noqa: ANN001, ANN202
+        for name, h in (("h1", h1), ("h2", h2)):
+            if not isinstance(h, torch.Tensor) or h.dim() != 4 or not h.is_floating_point():
+                raise MetricError(f"{name} must be a float tensor [L+1, B, T, d]")
+            if h.shape[0] != self.n_layers or h.shape[3] != self.d_model:
+                raise MetricError(
+                    f"{name} has {h.shape[0]} layers and d={h.shape[3]}, accumulator expects "
+                    f"{self.n_layers} layers and d={self.d_model}"
+                )
+        if h1.shape[1] != h2.shape[1]:
+            raise MetricError(f"batch sizes differ: {h1.shape[1]} vs {h2.shape[1]}")
+        for name, m, h in (("mask1", mask1, h1), ("mask2", mask2, h2)):
+            if not isinstance(m, torch.Tensor) or tuple(m.shape) != tuple(h.shape[1:3]):
+                raise MetricError(f"{name} must be a tensor [B, T] matching its hidden states")
+            if m.dtype != torch.bool:
+                raise MetricError(f"{name} must be a bool tensor (True = real token)")
+            if bool((m.sum(1) == 0).any()):
+                raise MetricError(f"{name}: a sequence has no real tokens")
+        if self.aligned:
+            if h1.shape[2] != h2.shape[2]:
+                raise MetricError(
+                    f"aligned=True needs T1 == T2, got {h1.shape[2]} vs {h2.shape[2]}"
+                )
+            if bool(((mask1 & mask2).sum(1) == 0).any()):
+                raise MetricError("aligned=True: a pair has no position that is real in both")
+        idx = np.asarray(torch.as_tensor(pair_index).cpu().numpy())
+        if idx.shape != (h1.shape[1],) or not np.issubdtype(idx.dtype, np.integer):
+            raise MetricError(f"pair_index must be an int tensor [B], got {idx.dtype} {idx.shape}")
+        if (idx < 0).any():
+            raise MetricError("pair_index must be >= 0")
+        return h1, mask1, h2, mask2, idx.astype(np.int64)
+
+    def update(
+        self,
+        h1: torch.Tensor,
+        mask1: torch.Tensor,
+        h2: torch.Tensor,
+        mask2: torch.Tensor,
+        pair_index: torch.Tensor,
+    ) -> None:
+        """Add a batch of parallel pairs (L2 side = the translation / clone of the L1 side)."""
+        self._main.update(h1, mask1, h2, mask2, pair_index)
+
+    def update_baseline(
+        self,
+        h1: torch.Tensor,
+        mask1: torch.Tensor,
+        h2: torch.Tensor,
+        mask2: torch.Tensor,
+        pair_index: torch.Tensor,
+    ) -> None:
+        """Add a batch of mismatched pairs (L2 side = a different text); same code path."""
+        self._base.update(h1, mask1, h2, mask2, pair_index)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: additive sums (independent of pair count) + pooled retrieval vectors."""
+        return self._main.nbytes() + self._base.nbytes()
+
+    @property
+    def nbytes_sums(self) -> int:
+        """Bytes of the additive sums only (constant once every cell has been seen)."""
+        return sum(
+            v.numel() * v.element_size()
+            for s in (self._main, self._base)
+            for c in s.cells.values()
+            for v in c.values()
+        )
+
+    # -- output
+
+    def _stream_result(
+        self, s: _Stream, ci: float | None, n_boot: int, rng: np.random.Generator
+    ) -> dict[str, np.ndarray]:
+        full = {k: 1.0 for k in s.cells}
+        out = s.metrics(full)
+        reps: dict[str, list[np.ndarray]] = {k: [] for k in out}
+        if ci is not None:
+            keys = sorted(s.cells)
+            groups = sorted({k[0] for k in keys})
+            for _ in range(n_boot):
+                draw = rng.integers(0, len(groups), len(groups))
+                cnt = np.bincount(draw, minlength=len(groups))
+                gw = dict(zip(groups, cnt.tolist(), strict=True))
+                r = s.metrics({k: float(gw[k[0]]) for k in keys})
+                for k, v in r.items():
+                    reps[k].append(v)
+        if self._need_retrieval:
+            p1, p2 = s.pooled_arrays()
+            n = p1.shape[1]
+            if n < 2:
+                out["retrieval_acc"] = np.full((self.n_layers, 2), np.nan)
+            else:
+                b12, b21 = _retrieval_beats(p1, p2)
+                out["retrieval_acc"] = np.stack(
+                    [(~b12.any(-1)).mean(-1), (~b21.any(-1)).mean(-1)], -1
+                )
+                if ci is not None:
+                    reps["retrieval_acc"] = list(_retrieval_boot(b12, b21, n_boot, rng))
+        if ci is not None:
+            lo_q, hi_q = 50 * (1 - ci), 50 * (1 + ci)
+            for k in list(out):
+                arr = np.asarray(reps[k])
+                with np.errstate(all="ignore"):
+                    ok = np.isfinite(arr).any(0)
+                    safe = np.where(ok, arr, 0.0)
+                    out[k + "_lo"] = np.where(ok, np.nanpercentile(safe, lo_q, axis=0), np.nan)
+                    out[k + "_hi"] = np.where(ok, np.nanpercentile(safe, hi_q, axis=0), np.nan)
+        return out
+
+    def result(self, ci: float | None = None, n_boot: int = 1000, seed: int = 0) -> xr.Dataset:
+        """All requested metrics (+ ``_baseline``, + ``_lo``/``_hi`` with ci) as a Dataset."""
+        if not self._main.cells:
+            raise MetricError("no pairs were fed to the similarity accumulator")
+        if ci is not None and not 0 < ci < 1:
+            raise MetricError(f"ci must lie in (0, 1), got {ci}")
+        if ci is not None and self.n_groups is None:
+            raise MetricError("confidence intervals need n_groups (block bootstrap groups)")
+        if n_boot < 1:
+            raise MetricError(f"n_boot must be >= 1, got {n_boot}")
+        rng = np.random.default_rng(seed)
+        data = self._stream_result(self._main, ci, n_boot, rng)
+        if self._base.cells:
+            for k, v in self._stream_result(self._base, ci, n_boot, rng).items():
+                base, suffix = (k[:-3], k[-3:]) if k.endswith(("_lo", "_hi")) else (k, "")
+                data[f"{base}_baseline{suffix}"] = v
+        n_pairs = len(self._main.seen)
+        dvars = {}
+        for k, v in data.items():
+            root = k.replace("_baseline", "").replace("_lo", "").replace("_hi", "")
+            dims = ("layer", "direction") if root == "retrieval_acc" else ("layer",)
+            attrs = {"definition": _DEFINITIONS[root]}
+            if k != root:
+                attrs["variant"] = k[len(root) :].lstrip("_")
+            dvars[k] = xr.DataArray(np.asarray(v, np.float64), dims=dims, attrs=attrs)
+        coords = {"layer": np.arange(self.n_layers)}
+        if self._need_retrieval:
+            coords["direction"] = DIRECTIONS
+        attrs = {
+            "definition": "cross-language representation similarity of parallel pairs per layer",
+            "aligned": int(self.aligned),
+            "pairing": "aligned positions" if self.aligned else "layer-averaged assignment",
+            "matching": "one-by-one" if self.aligned else "layer-averaged assignment",
+            "match_layers": list(self.match_layers),
+            "ridge": self.ridge,
+            "ridge_scaling": "lambda = ridge * trace(Cov_fit(L2 states)) / d",
+            "procrustes": "rotation + isotropic scale, fit-half centring",
+            "split": "fit on even pair_index, score on odd pair_index",
+            "n_pairs": n_pairs,
+            "n_pairs_baseline": len(self._base.seen),
+            "n_groups": -1 if self.n_groups is None else self.n_groups,
+            "ci": -1.0 if ci is None else float(ci),
+            "n_boot": int(n_boot) if ci is not None else 0,
+            "seed": int(seed),
+            "bootstrap": "groups pair_index % n_groups resampled with replacement; retrieval "
+            "resamples pooled sequences; percentile intervals",
+        }
+        if self._need_retrieval:
+            attrs["retrieval_chance"] = 1.0 / max(n_pairs, 1)
+        return xr.Dataset(dvars, coords=coords, attrs=attrs)
+
+
+def _retrieval_boot(
+    b12: np.ndarray, b21: np.ndarray, n_boot: int, rng: np.random.Generator, chunk: int = 256
+):  # noqa: ANN202
+    """Yield [L, 2] retrieval accuracies for pair resamples, without recomputing cosines.
+
+    Sequence i is a hit in a resample iff none of the sequences that beat its translation is
+    present: hits = (beat @ present == 0), weighted by how often i was drawn.
+    """
+    n = b12.shape[1]
+    f12, f21 = b12.astype(np.float32), b21.astype(np.float32)
+    for start in range(0, n_boot, chunk):
+        r = min(chunk, n_boot - start)
+        cnt = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(r)], 1)
+        present = (cnt > 0).astype(np.float32)  # [n, r]
+        accs = []
+        for f in (f12, f21):
+            hit = (f @ present) == 0  # [L, n, r]
+            accs.append(np.einsum("lnr,nr->rl", hit, cnt.astype(np.float64)) / n)
+        yield from np.stack(accs, -1)

@@ -1,0 +1,233 @@
+"""The analysis cube: RUN_DIR/analysis.zarr, one zarr group per metric family.
+
+Each family (similarity, neurons, gradients, ...) is an xarray Dataset with a
+`step` dimension and a `tokens` coordinate, readable with plain xarray:
+``xr.open_zarr("runs/x/analysis.zarr", group="similarity")``.
+
+A checkpoint's results are added by rewriting the (small) family group into a
+temporary folder and swapping it in with renames, under a file lock. A run
+killed at any moment therefore leaves every finished checkpoint readable, and
+several processes (dask workers, torchrun ranks) can write their own steps.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from probekit.errors import RunDirError
+
+STORE_VERSION = 1
+FAMILIES = (
+    "similarity",
+    "neurons",
+    "gradients",
+    "embeddings",
+    "perplexity",
+    "efficiency",
+    "probes",
+)
+
+
+def store_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "analysis.zarr"
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.mkdir(parents=True, exist_ok=True)
+    # the lock lives beside the store: zarr warns about foreign files inside it
+    with open(path.parent / ".analysis.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _recover(path: Path, family: str) -> None:
+    """Finish a swap that a killed process left half done."""
+    old, cur = path / f".old-{family}", path / family
+    if old.exists() and not cur.exists():
+        old.rename(cur)
+    elif old.exists():
+        shutil.rmtree(old)
+    tmp = path / f".tmp-{family}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+
+
+def check_version(run_dir: Path) -> None:
+    """Refuse a store written by an incompatible probekit, before anything is touched."""
+    path = store_path(run_dir)
+    if not (path / "zarr.json").is_file():
+        return
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{path}: unreadable store metadata ({exc})") from None
+    version = attrs.get("probekit_store_version")
+    if version != STORE_VERSION:
+        raise RunDirError(
+            f"{path}: written by an incompatible probekit (store version {version}, this "
+            f"probekit reads {STORE_VERSION}); move it aside or use a new run directory"
+        )
+
+
+def _ensure_root(path: Path) -> None:
+    if not (path / "zarr.json").is_file():
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        root.attrs["probekit_store_version"] = STORE_VERSION
+
+
+def read_family(run_dir: Path, family: str) -> xr.Dataset | None:
+    """One family's Dataset, loaded into memory, or None if it has never been written."""
+    path = store_path(run_dir)
+    check_version(run_dir)
+    if (path / f".old-{family}").exists() or (path / f".tmp-{family}").exists():
+        with _locked(path):
+            _recover(path, family)
+    if not (path / family / "zarr.json").is_file():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_zarr(str(path), group=family, consolidated=False).load()
+
+
+def stored_steps(run_dir: Path, family: str) -> list[int]:
+    ds = read_family(run_dir, family)
+    return [] if ds is None else [int(s) for s in ds["step"].values]
+
+
+def _align_vars(a: xr.Dataset, b: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset]:
+    """Give both datasets the same variables (NaN where one lacks them) so they concat."""
+    for src, dst_name in ((a, "b"), (b, "a")):
+        dst = b if dst_name == "b" else a
+        for name, var in src.data_vars.items():
+            if name not in dst.data_vars:
+                shape = {d: (dst.sizes[d] if d in dst.sizes else var.sizes[d]) for d in var.dims}
+                filler = xr.DataArray(
+                    np.full(tuple(shape.values()), np.nan), dims=var.dims, attrs=var.attrs
+                )
+                dst = dst.assign({name: filler})
+        if dst_name == "b":
+            b = dst
+        else:
+            a = dst
+    return a, b
+
+
+def _to_zarr(ds: xr.Dataset, path: Path, group: str) -> None:
+    ds = ds.copy()
+    for name, var in ds.variables.items():
+        var.encoding.clear()
+        if var.dtype.kind == "U":  # variable-length strings have a zarr v3 spec; fixed UTF-32 not
+            ds[name] = var.astype(object)
+    ds.to_zarr(str(path), group=group, mode="w", consolidated=False, zarr_format=3)
+
+
+def _consolidate(path: Path) -> None:
+    """Root-level consolidated metadata, so plain `xr.open_zarr(path, group=...)` is fast."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        zarr.consolidate_metadata(str(path))
+
+
+def write_steps(run_dir: Path, family: str, ds: xr.Dataset, attrs: dict | None = None) -> None:
+    """Add (or replace) the steps in `ds` (which has a `step` dim) to a family group."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family}")
+    path = store_path(run_dir)
+    check_version(run_dir)
+    with _locked(path):
+        _ensure_root(path)
+        _recover(path, family)
+        old = None
+        if (path / family / "zarr.json").is_file():
+            old = xr.open_zarr(str(path), group=family, consolidated=False).load()
+        if old is not None:
+            old = old.sel(step=[s for s in old["step"].values if s not in set(ds["step"].values)])
+            if old.sizes["step"]:
+                old, ds = _align_vars(old, ds)
+                ds = xr.concat([old, ds], dim="step", join="outer", combine_attrs="override")
+        ds = ds.sortby("step")
+        ds.attrs.update(attrs or {})
+        tmp = path / f".tmp-{family}"
+        _to_zarr(ds, path, f".tmp-{family}")
+        cur, old_dir = path / family, path / f".old-{family}"
+        if cur.exists():
+            cur.rename(old_dir)
+        tmp.rename(cur)
+        if old_dir.exists():
+            shutil.rmtree(old_dir)
+        _consolidate(path)
+
+
+def write_step(
+    run_dir: Path,
+    family: str,
+    result: xr.Dataset,
+    step: int,
+    tokens: float,
+    attrs: dict | None = None,
+) -> None:
+    """Store one checkpoint's results (a Dataset without a step dim)."""
+    ds = result.expand_dims(step=[int(step)]).assign_coords(tokens=("step", [float(tokens)]))
+    write_steps(run_dir, family, ds, attrs)
+
+
+def drop_steps(run_dir: Path, family: str, steps: list[int]) -> None:
+    """Remove steps (for --recompute) by rewriting the group without them."""
+    ds = read_family(run_dir, family)
+    if ds is None:
+        return
+    keep = [s for s in ds["step"].values if int(s) not in set(steps)]
+    path = store_path(run_dir)
+    with _locked(path):
+        if not keep:
+            shutil.rmtree(path / family)
+            _consolidate(path)
+            return
+        tmp = path / f".tmp-{family}"
+        _to_zarr(ds.sel(step=keep), path, f".tmp-{family}")
+        cur, old_dir = path / family, path / f".old-{family}"
+        cur.rename(old_dir)
+        tmp.rename(cur)
+        shutil.rmtree(old_dir)
+        _consolidate(path)
+
+
+def families(run_dir: Path) -> list[str]:
+    path = store_path(run_dir)
+    return [
+        f for f in FAMILIES if (path / f / "zarr.json").is_file() or (path / f".old-{f}").exists()
+    ]
+
+
+def open_cube(run_dir: Path) -> xr.Dataset:
+    """Every stored metric of a run in one Dataset (outer join on `step`)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunDirError(f"run directory not found: {run_dir}")
+    parts = [read_family(run_dir, f) for f in families(run_dir)]
+    parts = [p for p in parts if p is not None]
+    if not parts:
+        raise RunDirError(
+            f"{run_dir}: no analysis cube yet; run `probekit align {run_dir}` "
+            f"(and `probekit eval {run_dir}`) first"
+        )
+    attrs: dict = {}
+    for p in parts:
+        attrs.update(p.attrs)
+    merged = xr.merge(parts, join="outer", compat="override", combine_attrs="drop")
+    merged.attrs = attrs
+    return merged

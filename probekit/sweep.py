@@ -1,0 +1,256 @@
+"""`sweep`: expand an experiment grid into run configs, with the references TEff needs.
+
+A grid file names a base config and the fields to vary::
+
+    base = "clone_90_10.toml"          # relative to the grid file
+    [grid]
+    "data.p" = [0.5, 0.1]               # any dotted config field
+    seed = [0, 1]
+    budget = [1.0]                      # multipliers of train.tokens
+    [[runs]]                            # extra single runs (schedules, ...)
+    name = "sched_0.1_0.9"
+    set = { "data.schedule" = "0.1_0.9", "data.p" = 0.5 }
+    [references]
+    fractions = [0.1, 0.2, 0.3, 0.5, 1.0]   # monolingual runs at these fractions of the budget
+    controls = true                          # update-matched monolingual controls
+
+Monolingual references are added for every corpus language, preset and budget
+of the grid; an update-matched control gets the minority language's token count
+with the multilingual run's number of optimiser steps (its batch scaled by the
+language's share, so each of its steps sees as many of that language's tokens
+as the multilingual run's step does on average).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from probekit.config import apply_overrides, dump_config, load_config, read_toml
+from probekit.errors import ConfigError, ProbekitError
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    raw: dict  # unresolved config: derived budgets (warm-up, intervals) re-resolve per run
+    kind: str  # run | reference | control
+
+    @property
+    def resolved(self) -> dict:
+        return load_config(self.raw)
+
+
+def _short(key: str) -> str:
+    return {
+        "data.p": "p",
+        "data.schedule": "sched",
+        "data.clones": "k",
+        "data.frac_clone": "fc",
+        "tokenizer.vocab_mode": "",
+        "model.preset": "",
+        "data.mode": "",
+    }.get(key, key.split(".")[-1])
+
+
+def _fmt(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _set(raw: dict, key: str, value) -> dict:
+    return apply_overrides(raw, [f"{key}={_toml_literal(value)}"])
+
+
+def _toml_literal(value) -> str:
+    from probekit.config import _toml_value
+
+    return _toml_value(value)
+
+
+def expand_grid(grid_path: Path) -> list[PlannedRun]:
+    """Every run of the grid: multilingual runs, monolingual references and controls."""
+    grid_path = Path(grid_path)
+    spec = read_toml(grid_path)
+    unknown = set(spec) - {"name", "base", "grid", "runs", "references"}
+    if unknown:
+        raise ConfigError(f"{grid_path}: unknown grid field(s) {sorted(unknown)}")
+    if "base" not in spec:
+        raise ConfigError(f"{grid_path}: base: the grid needs a base config")
+    base_path = (grid_path.parent / spec["base"]) if isinstance(spec["base"], str) else None
+    base = read_toml(base_path) if base_path else dict(spec["base"])
+    axes = dict(spec.get("grid", {}))
+    budgets = axes.pop("budget", [1.0])
+    for key, values in axes.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{grid_path}: grid.{key}: expected a non-empty list of values")
+    runs: list[PlannedRun] = []
+    keys = list(axes)
+    for combo in itertools.product(*(axes[k] for k in keys), budgets):
+        raw = copy.deepcopy(base)
+        parts = []
+        for key, value in zip(keys, combo[:-1], strict=True):
+            raw = _set(raw, key, value)
+            parts.append(f"{_short(key)}{_fmt(value)}")
+        raw = _scale_budget(raw, combo[-1])
+        if len(budgets) > 1:
+            parts.append(f"x{_fmt(combo[-1])}")
+        runs.append(PlannedRun(_name(base, parts), raw, "run"))
+    for extra in spec.get("runs", []):
+        if "name" not in extra:
+            raise ConfigError(f"{grid_path}: every [[runs]] entry needs a name")
+        raw = copy.deepcopy(base)
+        for key, value in extra.get("set", {}).items():
+            raw = _set(raw, key, value)
+        seeds = axes.get("seed", [raw.get("seed", 0)])
+        for seed in seeds:
+            name = extra["name"] + (f"_s{seed}" if len(seeds) > 1 else "")
+            runs.append(PlannedRun(name, _set(raw, "seed", seed), "run"))
+    for run in runs:
+        run.raw["name"] = run.name
+        _ = run.resolved  # validate now: a bad grid fails before anything trains
+    refs = spec.get("references", {})
+    runs += _references(runs, refs)
+    names = [r.name for r in runs]
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"{grid_path}: runs with the same name: {sorted(dupes)}")
+    return runs
+
+
+def _name(base: dict, parts: list[str]) -> str:
+    return "_".join([str(base.get("name") or "run")] + parts)
+
+
+def _scale_budget(raw: dict, mult: float) -> dict:
+    if mult == 1.0:
+        return raw
+    tokens = load_config(raw)["train"]["tokens"]
+    raw = copy.deepcopy(raw)
+    raw.setdefault("train", {}).pop("steps", None)
+    raw["train"]["tokens"] = int(tokens * mult)
+    return raw
+
+
+def _mono(raw: dict, lang: str) -> dict:
+    mono = copy.deepcopy(raw)
+    d = mono.setdefault("data", {})
+    for key in ("p", "weights", "schedule", "clones", "frac_clone", "languages", "parallel"):
+        d.pop(key, None)
+    d["mode"], d["base"] = "mono", lang
+    mono.get("tokenizer", {}).pop("vocab_mode", None)
+    mono.setdefault("train", {}).pop("steps", None)
+    return mono
+
+
+def _references(runs: list[PlannedRun], refs: dict) -> list[PlannedRun]:
+    fractions = refs.get("fractions", [0.1, 0.2, 0.3, 0.5, 1.0])
+    ref_seeds = refs.get("seeds")
+    out: dict[str, PlannedRun] = {}
+    for run in runs:
+        cfg = run.resolved
+        d = cfg["data"]
+        if d["mode"] == "mono":
+            continue
+        budget = cfg["train"]["tokens"]
+        langs = d["languages"] if d["mode"] == "pair" else [d["base"]]
+        preset = cfg["model"]["preset"]
+        for lang in langs:
+            for seed in ref_seeds if ref_seeds is not None else [cfg["seed"]]:
+                for frac in fractions:
+                    mono = _mono(run.raw, lang)
+                    mono["seed"] = seed
+                    mono["train"]["tokens"] = int(round(frac * budget))
+                    name = f"ref_{lang}_{preset}_{_fmt(float(frac))}_T{budget / 1e6:g}M_s{seed}"
+                    mono["name"] = name
+                    out.setdefault(name, PlannedRun(name, mono, "reference"))
+        if refs.get("controls", False):
+            control = _control(run, cfg)
+            if control is not None:
+                out.setdefault(control.name, control)
+    return list(out.values())
+
+
+def _control(run: PlannedRun, cfg: dict) -> PlannedRun | None:
+    """Mono run on the minority language's tokens with the multilingual run's step count."""
+    from probekit.data.mixture import parse_schedule
+
+    d, t = cfg["data"], cfg["train"]
+    share = parse_schedule(d["schedule"] if d["schedule"] else d["p"]).mean_share
+    names = d["languages"] if d["mode"] == "pair" else [d["base"]] * 2
+    if d["weights"]:
+        share = min(d["weights"][1:])
+    lang = names[1] if share <= 0.5 else names[0]
+    share = min(share, 1 - share) / (
+        d["clones"] if d["mode"] == "clone" and not d["weights"] else 1
+    )
+    batch = max(1, round(t["batch_size"] * share))
+    mono = _mono(run.raw, lang)
+    mono["train"].pop("tokens", None)
+    mono["train"]["steps"] = t["steps"]
+    mono["train"]["batch_size"] = batch
+    mono["train"]["grad_accum"] = 1
+    name = f"ctrl_{run.name}"
+    mono["name"] = name
+    return PlannedRun(name, mono, "control")
+
+
+def run_sweep(
+    grid: str | Path,
+    out: str | Path,
+    launch_list: str | Path | None = None,
+    analyse: bool = True,
+    device: str | None = None,
+    progress: bool = True,
+) -> str:
+    """Train every run of the grid not yet finished (then evaluate, align and tabulate TEff)."""
+    from probekit.training import train
+
+    out = Path(out)
+    planned = expand_grid(Path(grid))
+    cfg_dir = out / "configs"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    for run in planned:
+        (cfg_dir / f"{run.name}.toml").write_text(dump_config(run.raw))
+    if launch_list:
+        lines = [f"probekit train {cfg_dir / r.name}.toml --out {out / r.name}" for r in planned]
+        Path(launch_list).write_text("\n".join(lines) + "\n")
+        return (
+            f"{len(planned)} runs planned; one `probekit train` command per line in {launch_list} "
+            f'(e.g. a job array: sed -n "${{SLURM_ARRAY_TASK_ID}}p" {launch_list} | sh)'
+        )
+    for i, run in enumerate(planned, 1):
+        if progress:
+            print(f"[{i}/{len(planned)}] {run.kind} {run.name}")
+        train(cfg_dir / f"{run.name}.toml", out / run.name, device=device, progress=progress)
+    if not analyse:
+        return f"{len(planned)} runs trained in {out}"
+    return analyse_sweep(planned, out, progress=progress)
+
+
+def analyse_sweep(planned: list[PlannedRun], out: Path, progress: bool = True) -> str:
+    from probekit.analysis import align
+    from probekit.evaluation import evaluate, seed_summary, teff_table
+
+    runs = [r for r in planned if r.kind == "run"]
+    refs = [out / r.name for r in planned if r.kind == "reference"]
+    ctrls = [out / r.name for r in planned if r.kind == "control"]
+    for r in runs:
+        evaluate(out / r.name, progress=progress)
+        align(out / r.name, progress=progress)
+    lines = []
+    try:
+        table = teff_table([out / r.name for r in runs], refs, controls=ctrls)
+    except ProbekitError as exc:
+        return f"trained and analysed {len(planned)} runs; TEff not computed: {exc}"
+    table.to_csv(out / "teff.csv", index=False)
+    lines.append(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if table["seed"].nunique() > 1:
+        summ = seed_summary(table)
+        summ.to_csv(out / "teff_seeds.csv", index=False)
+        lines.append(
+            "\nacross seeds:\n" + summ.to_string(index=False, float_format=lambda v: f"{v:.3f}")
+        )
+    lines.append(f"\ntable written to {out / 'teff.csv'}")
+    return "\n".join(lines)

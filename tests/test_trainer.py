@@ -1,0 +1,240 @@
+"""Trainer tests: tiny CPU runs (nano preset) on a small synthetic English corpus."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from probekit.checkpoints import list_checkpoints, read_train_log
+from probekit.config import load_config
+from probekit.errors import ConfigError, RunDirError
+from probekit.training import PRESETS, train
+from probekit.training.trainer import checkpoint_plan, lr_factor
+
+ROOT = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)  # tiny models: threads only contend (and CI has 2 cores)
+
+
+def _write_corpus(path: Path) -> Path:
+    rng = random.Random(0)
+    words = (
+        "the of and to in a is that he was for it with as his on be at by this had not are "
+        "but from or have an they which one you were her all she there would their we him "
+        "been has when who will more no if out so said what up its about into than them can"
+    ).split()
+    paras = [
+        " ".join(
+            " ".join(rng.choice(words) for _ in range(rng.randint(5, 15))) + "."
+            for _ in range(rng.randint(2, 6))
+        )
+        for _ in range(400)
+    ]
+    path.write_text("\n\n".join(paras))
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return _write_corpus(tmp_path_factory.mktemp("corpus") / "en.txt")
+
+
+def make_cfg(corpus: Path, steps: int = 30, **train_kw) -> dict:
+    return {
+        "seed": 0,
+        "data": {"mode": "clone", "base": "en", "sources": {"en": [str(corpus)]}, "p": 0.3},
+        "tokenizer": {"vocab_size": 300},
+        "model": {"preset": "nano"},
+        "train": {"steps": steps, "batch_size": 8, **train_kw},
+        "eval": {"n_sequences": 4},
+    }
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / f"step_{step:06d}" / "model.safetensors"))
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory) -> Path:
+    """One uninterrupted 30-step run that several tests compare against."""
+    return train(make_cfg(corpus), tmp_path_factory.mktemp("ref") / "run", progress=False)
+
+
+def test_run_writes_planned_checkpoints_loadable_by_transformers(reference):
+    cfg = load_config(reference / "config.toml")
+    infos = list_checkpoints(reference)
+    assert [i.step for i in infos] == checkpoint_plan(cfg)
+    assert infos[0].step == 0 and infos[-1].step == 30
+    for info in infos:
+        model = AutoModelForCausalLM.from_pretrained(info.path, local_files_only=True)
+        assert model.lm_head.weight.data_ptr() != model.transformer.wte.weight.data_ptr()
+        assert not torch.equal(model.lm_head.weight, model.transformer.wte.weight)
+        assert info.tokens == info.step * 8 * 64
+        assert sum(info.tokens_per_language.values()) == info.tokens
+    # optimiser state only on the newest keep_state (2) checkpoints
+    assert [i.step for i in infos if i.has_state] == [i.step for i in infos[-2:]]
+
+
+def test_train_log_has_losses_and_heldout_loss_per_language(reference):
+    log = read_train_log(reference)
+    evals = [r for r in log if "eval" in r]
+    steps = [r for r in log if "loss" in r]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 30
+    assert all(set(r["eval"]) == {"EN1", "EN2"} for r in evals)
+    assert evals[-1]["eval"]["EN1"] < evals[0]["eval"]["EN1"]  # it learns
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert all(
+        r.keys() >= {"tokens", "tokens_per_language", "lr", "loss", "tok_per_s"} for r in steps
+    )
+
+
+def test_same_seed_gives_identical_runs(reference, corpus, tmp_path):
+    again = train(make_cfg(corpus), tmp_path / "run", progress=False)
+    assert_same(weights(reference, 30), weights(again, 30))
+
+
+def test_finished_run_is_not_retrained(reference, corpus, capsys):
+    before = (reference / "checkpoints" / "step_000030" / "model.safetensors").stat().st_mtime_ns
+    train(make_cfg(corpus), reference, progress=False)
+    assert "run already complete" in capsys.readouterr().err
+    after = (reference / "checkpoints" / "step_000030" / "model.safetensors").stat().st_mtime_ns
+    assert before == after
+
+
+def test_different_config_in_same_run_dir_is_refused(reference, corpus, tmp_path):
+    with pytest.raises(RunDirError, match=r"train\.lr differs.*--force"):
+        train(make_cfg(corpus, lr=1e-3), reference, progress=False)
+    # --force clears the old run and starts again
+    run = tmp_path / "run"
+    train(make_cfg(corpus, steps=4), run, progress=False)
+    train(make_cfg(corpus, steps=3), run, progress=False, force=True)
+    assert [i.step for i in list_checkpoints(run)][-1] == 3
+
+
+def test_kill_9_then_resume_matches_uninterrupted_run(reference, corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    # slow the child down (eval + log every step) so it is surely killed mid-way
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from probekit.training import train\n"
+        f"train({make_cfg(corpus)!r}, {str(run)!r}, progress=False,"
+        " overrides=['eval.interval=1'])\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
+    ckpts, deadline = run / "checkpoints", time.time() + 120
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
+            if len(done) >= 4:  # step 0, 1, 2, 3 exist: kill it
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the child finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (ckpts / "step_000030").exists()
+    capsys.readouterr()
+    train(make_cfg(corpus), run, progress=False, overrides=["eval.interval=1"])
+    assert "resuming" in capsys.readouterr().err  # not a silent restart from step 0
+    assert_same(weights(reference, 30), weights(run, 30))
+    steps = [r["step"] for r in read_train_log(run) if "loss" in r]
+    assert steps == list(range(1, 31))  # lines past the resumed step were dropped
+
+
+def test_max_steps_then_resume_with_corrupt_newest_checkpoint(reference, corpus, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(make_cfg(corpus), run, max_steps=12, progress=False)
+    assert (run / "checkpoints" / "step_000012").is_dir()
+    assert not (run / "checkpoints" / "step_000015").exists()
+    (run / "checkpoints" / "step_000012" / "model.safetensors").write_bytes(b"garbage")
+    capsys.readouterr()
+    train(make_cfg(corpus), run, progress=False)
+    err = capsys.readouterr().err
+    assert "step_000012" in err and "warning" in err and "from step 9" in err
+    assert (run / "checkpoints" / ".corrupt-step_000012").is_dir()
+    assert_same(weights(reference, 30), weights(run, 30))  # schedule unchanged by max_steps
+
+
+def test_config_errors(corpus):
+    with pytest.raises(ConfigError, match=r"model\.preset: unknown preset 'huge'"):
+        load_config({**make_cfg(corpus), "model": {"preset": "huge"}})
+    with pytest.raises(ConfigError, match=r"model\.n_head"):
+        load_config({**make_cfg(corpus), "model": {"preset": "nano", "n_head": 3}})
+    with pytest.raises(ConfigError, match=r"train\.precision"):
+        load_config(make_cfg(corpus, precision="fp8"))
+    with pytest.raises(ConfigError, match=r"train\.steps: .* conflicts"):
+        load_config(make_cfg(corpus, tokens=10**6))
+    with pytest.raises(ConfigError, match=r"train\.grad_accum"):
+        load_config(make_cfg(corpus, grad_accum=3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_cuda(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="CUDA requested but no CUDA device"):
+        train(make_cfg(corpus), tmp_path / "run", device="cuda", progress=False)
+
+
+def test_presets_and_schedule():
+    assert set(PRESETS) == {"nano", "tiny", "cpu", "mini", "small", "medium"}
+    assert PRESETS["small"] == dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, context=512)
+    f = [lr_factor(s, 100, 5, 0.01) for s in range(100)]
+    assert f[0] == pytest.approx(0.2) and f[4] == 1.0 and f[-1] == pytest.approx(0.01)
+    assert all(a >= b for a, b in zip(f[4:], f[5:], strict=False))
+    cfg = load_config({"train": {"steps": 1000}})
+    plan = checkpoint_plan(cfg)
+    assert plan[:7] == [0, 1, 2, 5, 11, 25, 56] and plan[-1] == 1000 and 125 in plan
+
+
+def test_grad_accum_matches_one_batch(corpus, tmp_path):
+    a = train(make_cfg(corpus, steps=3), tmp_path / "a", progress=False)
+    b = train(make_cfg(corpus, steps=3, grad_accum=2), tmp_path / "b", progress=False)
+    for k, v in weights(a, 3).items():
+        torch.testing.assert_close(v, weights(b, 3)[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_on_cpu(corpus, tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) gives the single-process result up to float order."""
+    single = train(make_cfg(corpus, steps=4), tmp_path / "single", progress=False)
+    code = (
+        "import sys, torch; torch.set_num_threads(1)\n"
+        "from probekit.training import train\n"
+        f"train({make_cfg(corpus, steps=4)!r}, sys.argv[1], progress=False)\n"
+    )
+    script = tmp_path / "ddp.py"
+    script.write_text(code)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--master_port=29517",
+            str(script),
+            str(tmp_path / "ddp"),
+        ],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=300,
+    )
+    for k, v in weights(single, 4).items():
+        torch.testing.assert_close(v, weights(tmp_path / "ddp", 4)[k], rtol=1e-4, atol=1e-5)
