@@ -175,7 +175,14 @@ def _gradients(model, series: Series, opts: AlignOptions) -> xr.Dataset:
     ids2, m2 = pad_batch(par.ids2[:n])
     with torch.enable_grad():
         da = gradient_alignment(model, ids1, m1, ids2, m2)
-    return da.to_dataset(name="grad_cos") if isinstance(da, xr.DataArray) else da
+    # the final LayerNorm and head sit at layer L+1 there; keep them out of the shared
+    # `layer` axis (0..L), where they would leave every other metric a NaN row
+    head = int(da["layer"].max())
+    ds = da.sel(layer=slice(0, head - 1)).to_dataset(name="grad_cos")
+    final = da.sel(layer=head).drop_vars("layer").dropna("tensor", how="all")
+    ds["grad_cos_head"] = final.rename(tensor="head_tensor")
+    ds["grad_cos_head"].attrs["definition"] = "gradient cosine of the final LayerNorm and LM head"
+    return ds
 
 
 def _embeddings(model, series: Series) -> xr.Dataset:

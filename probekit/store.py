@@ -228,6 +228,6 @@ def open_cube(run_dir: Path) -> xr.Dataset:
     attrs: dict = {}
     for p in parts:
         attrs.update(p.attrs)
-    merged = xr.merge(parts, join="outer", compat="override", combine_attrs="drop")
+    merged = xr.merge(parts, join="outer", compat="override", combine_attrs="override")
     merged.attrs = attrs
     return merged

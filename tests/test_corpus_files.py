@@ -162,7 +162,8 @@ def test_builder_cleaning_helpers():
     bc = _load_builder()
     assert bc.clean_verse("(5:21 Lorsque") == "Lorsque"
     assert bc.clean_verse("(3:1) A\tpsalm  of\nDavid`s [own] har\u00admony ") == (
-        "A psalm of David's own harmony")
+        "A psalm of David's own harmony"
+    )
     assert not bc.is_real_verse(bc.clean_verse("***"))
     assert not bc.is_real_verse(bc.clean_verse("(8:1)"))
     assert bc.lines_to_paragraphs(["a", " b", "", "", "c", None, "d"]) == ["a b", "c", "d"]

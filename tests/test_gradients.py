@@ -91,7 +91,8 @@ def test_clone_model_gives_one():
 def test_layout_and_attrs():
     model = tiny_gpt2(n_layer=3)
     ids1, m1, ids2, m2 = (x[:2] for x in pairs())
-    cos = gradient_alignment(model, ids1, m1, ids2, m2)
+    with torch.no_grad():  # callers' analysis loops often run under no_grad
+        cos = gradient_alignment(model, ids1, m1, ids2, m2)
     assert cos.name == "grad_cos"
     assert list(cos.layer.values) == [0, 1, 2, 3, 4]
     assert list(cos.tensor.values) == TENSORS

@@ -117,11 +117,13 @@ def _seq_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -
 
 @contextmanager
 def _eval_mode(model: torch.nn.Module):
-    # No dropout: the gradients must be deterministic functions of the weights.
+    # No dropout: the gradients must be deterministic functions of the weights. Grad mode is
+    # forced on so that callers inside torch.no_grad() (e.g. an analysis loop) still work.
     was = model.training
     model.eval()
     try:
-        yield
+        with torch.enable_grad():
+            yield
     finally:
         model.train(was)
 
@@ -288,11 +290,17 @@ def _gram_dots(x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
     return torch.bmm(x1, x2.transpose(1, 2))
 
 
+def _bdot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products [B, ...] x [B, ...] -> [B] (float64 result) as one batched GEMV:
+    no [B, n] temporaries; float32 inputs are summed by BLAS."""
+    x, y = x.reshape(x.shape[0], 1, -1), y.reshape(y.shape[0], -1, 1)
+    return torch.bmm(x, y).reshape(-1).double()
+
+
 def _dots_vec(v1: torch.Tensor, v2: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-sequence gradients given explicitly as [B, ...]."""
     v1, v2 = v1.flatten(1), v2.flatten(1)
-    # Batched dot products as BLAS calls (no [B, n] temporaries), float64 only for the result.
-    return tuple(torch.einsum("bi,bi->b", x, y).double() for x, y in ((v1, v2), (v1, v1), (v2, v2)))
+    return _bdot(v1, v2), _bdot(v1, v1), _bdot(v2, v2)
 
 
 def _dots_linear(
@@ -326,9 +334,7 @@ def _dots_linear(
     out = []
     for e1, e2 in pieces:
         gd = (_gram_dots(e1, e2), _gram_dots(e1, e1), _gram_dots(e2, e2))
-        out.append(
-            tuple(torch.einsum("bts,bts->b", x, y).double() for x, y in zip(ga, gd, strict=True))
-        )
+        out.append(tuple(_bdot(x, y) for x, y in zip(ga, gd, strict=True)))
     return out
 
 
@@ -340,7 +346,7 @@ def _dots_embedding(
 
     def one(ia, ea, ib, eb):
         same = (ia[:, :, None] == ib[:, None, :]).to(ea.dtype)
-        return torch.einsum("bts,bts->b", same, _gram_dots(ea, eb)).double()
+        return _bdot(same, _gram_dots(ea, eb))
 
     return one(i1, e1, i2, e2), one(i1, e1, i1, e1), one(i2, e2, i2, e2)
 
@@ -362,13 +368,14 @@ def _capture(model, ids, mask):
     full = bool(m.all())
 
     def clean(x: torch.Tensor) -> torch.Tensor:
-        # Pad positions carry zero output-grad anyway; zeroing them (torch.where, not a
-        # product) also keeps any non-finite value computed at a pad position out of the sums.
+        # Output-grads at pad positions are zero already (no loss term reads them); zeroing
+        # them explicitly keeps the sums exact whatever the attention kernel does there.
         x = x.detach().float()
         return x if full else torch.where(m, x, 0.0)
 
     gr = {n: clean(g) for n, g in zip(keep, grads, strict=True)}
-    ins = {n: clean(x) for n, x in rec.inputs.items() if n not in ("wte", "wpe")}
+    # Inputs need no masking: every product pairs them with a (zeroed) output-grad.
+    ins = {n: x.float() for n, x in rec.inputs.items() if n not in ("wte", "wpe")}
     pos = rec.inputs["wpe"].expand(ids.shape[0], -1)
     return {"ids": ids, "pos": pos, "grads": gr, "ins": ins}
 
