@@ -112,10 +112,13 @@ def main() -> int:
         run.mkdir()
         data, kind = (SyntheticData(), "synthetic ids") if args.synthetic else real_data(cfg, run)
         bare_loop(cfg, data, 3)  # warm up allocator and kernels
-        bare = bare_loop(cfg, data, args.steps)
+        # bare, train(), bare again: a shared machine drifts, so the bare time is the mean
+        bare_before = bare_loop(cfg, data, args.steps)
         t0 = time.perf_counter()
         train(raw, run, progress=False, data=data, device="cpu")
         full = time.perf_counter() - t0
+        bare_after = bare_loop(cfg, data, args.steps)
+        bare = (bare_before + bare_after) / 2
         n_ckpt = len(list((run / "checkpoints").glob("step_*")))
         # train()'s own per-step timing (excludes setup, eval, checkpoints, log writes)
         log = [r for r in read_train_log(run) if "tok_per_s" in r]
@@ -127,7 +130,10 @@ def main() -> int:
         f"preset {args.preset}, {args.steps} steps x {B} x {T} tokens, "
         f"threads {torch.get_num_threads()}, data: {kind}"
     )
-    print(f"  bare PyTorch loop : {tokens / bare:10,.0f} tok/s  ({bare:.2f} s)")
+    print(
+        f"  bare PyTorch loop : {tokens / bare:10,.0f} tok/s  ({bare:.2f} s; "
+        f"before {tokens / bare_before:,.0f}, after {tokens / bare_after:,.0f})"
+    )
     print(
         f"  probekit train()  : {tokens / full:10,.0f} tok/s  ({full:.2f} s, "
         f"{n_ckpt} checkpoints, eval every {cfg['eval']['interval']} steps)"

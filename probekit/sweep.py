@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def _short(key: str) -> str:
         "data.clones": "k",
         "data.frac_clone": "fc",
         "tokenizer.vocab_mode": "",
+        "seed": "s",
         "model.preset": "",
         "data.mode": "",
     }.get(key, key.split(".")[-1])
@@ -86,17 +88,19 @@ def expand_grid(grid_path: Path) -> list[PlannedRun]:
         if not isinstance(values, list) or not values:
             raise ConfigError(f"{grid_path}: grid.{key}: expected a non-empty list of values")
     runs: list[PlannedRun] = []
+    prefix = str(spec.get("name") or base.get("name") or "run")
     keys = list(axes)
     for combo in itertools.product(*(axes[k] for k in keys), budgets):
         raw = copy.deepcopy(base)
         parts = []
         for key, value in zip(keys, combo[:-1], strict=True):
             raw = _set(raw, key, value)
-            parts.append(f"{_short(key)}{_fmt(value)}")
+            if len(axes[key]) > 1:  # single-valued axes stay out of the names
+                parts.append(f"{_short(key)}{_fmt(value)}")
         raw = _scale_budget(raw, combo[-1])
         if len(budgets) > 1:
             parts.append(f"x{_fmt(combo[-1])}")
-        runs.append(PlannedRun(_name(base, parts), raw, "run"))
+        runs.append(PlannedRun("_".join([prefix] + parts), raw, "run"))
     for extra in spec.get("runs", []):
         if "name" not in extra:
             raise ConfigError(f"{grid_path}: every [[runs]] entry needs a name")
@@ -117,10 +121,6 @@ def expand_grid(grid_path: Path) -> list[PlannedRun]:
     if dupes:
         raise ConfigError(f"{grid_path}: runs with the same name: {sorted(dupes)}")
     return runs
-
-
-def _name(base: dict, parts: list[str]) -> str:
-    return "_".join([str(base.get("name") or "run")] + parts)
 
 
 def _scale_budget(raw: dict, mult: float) -> dict:
@@ -180,12 +180,19 @@ def _control(run: PlannedRun, cfg: dict) -> PlannedRun | None:
     share = parse_schedule(d["schedule"] if d["schedule"] else d["p"]).mean_share
     names = d["languages"] if d["mode"] == "pair" else [d["base"]] * 2
     if d["weights"]:
-        share = min(d["weights"][1:])
-    lang = names[1] if share <= 0.5 else names[0]
-    share = min(share, 1 - share) / (
-        d["clones"] if d["mode"] == "clone" and not d["weights"] else 1
-    )
+        lang_share = min(d["weights"])
+    else:  # the first language keeps 1 - share; the others split share equally
+        per_other = share / (d["clones"] if d["mode"] == "clone" else 1)
+        lang_share = min(per_other, 1 - share)
+    lang = names[0] if lang_share == 1 - share and not d["weights"] else names[1]
+    share = lang_share
     batch = max(1, round(t["batch_size"] * share))
+    if abs(batch - t["batch_size"] * share) > 1e-9:
+        warnings.warn(
+            f"{run.name}: control batch {batch} is not exactly {share:.3g} of {t['batch_size']}; "
+            f"its token count is off by {batch / (t['batch_size'] * share) - 1:+.0%}",
+            stacklevel=2,
+        )
     mono = _mono(run.raw, lang)
     mono["train"].pop("tokens", None)
     mono["train"]["steps"] = t["steps"]

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import tiny_cfg
 
 from probekit.config import load_config
 from probekit.data import build_vocabulary, prepare_run_data
@@ -15,8 +16,6 @@ from probekit.data import corpus as corpus_mod
 from probekit.data.mixture import parse_schedule
 from probekit.data.vocab import PAD_ID, Vocabulary
 from probekit.errors import ConfigError
-
-from conftest import tiny_cfg
 
 
 @pytest.fixture(scope="module")

@@ -317,7 +317,10 @@ def _dots_linear(
     t2, n_out = a2.shape[1], d1.shape[-1]
     explicit = (t1 + t2) * n_in * n_out + 3 * n_in * n_out
     ghost = (t1 * t2 + t1 * t1 + t2 * t2) * (n_in + n_out)
-    if method == "explicit" or (method == "auto" and explicit <= ghost):
+    # Explicit per-sequence gradients cost B x in x out floats per side; above ~256 MB (e.g. a
+    # 32k-vocabulary lm_head) "auto" takes the ghost Grams, whose memory is B x T1 x T2.
+    small = bsz * n_in * n_out * 4 <= 256 * 2**20
+    if method == "explicit" or (method == "auto" and explicit <= ghost and small):
         g1 = torch.bmm(a1.transpose(1, 2), d1)
         g2 = torch.bmm(a2.transpose(1, 2), d2)
         out = [_dots_vec(g1, g2)]
