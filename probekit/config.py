@@ -38,7 +38,7 @@ TOKENIZER_DEFAULTS: dict[str, Any] = {
     "vocab_size": 512,
     "vocab_mode": "disjoint",  # pair mode: disjoint | anchored | joint
     "min_frequency": 2,
-    "seed": 0,  # text order for BPE and the cloned subset; apart from the run seed so seeds share it
+    "seed": 0,  # BPE text order and cloned subset; not the run seed, so seeds share a tokenizer
 }
 
 MODES = ("clone", "pair", "mono")

@@ -107,7 +107,8 @@ def test_copied_embeddings_give_identical_languages(copied_run: Path):
 _KILL_SCRIPT = """
 import sys
 from probekit.analysis import AlignOptions, align
-align(sys.argv[1], metrics="similarity", options=AlignOptions(n_pairs=12, seq_len=32), progress=False)
+opts = AlignOptions(n_pairs=12, seq_len=32)
+align(sys.argv[1], metrics="similarity", options=opts, progress=False)
 """
 
 
