@@ -75,7 +75,7 @@ def expand_grid(grid_path: Path) -> list[PlannedRun]:
     """Every run of the grid: multilingual runs, monolingual references and controls."""
     grid_path = Path(grid_path)
     spec = read_toml(grid_path)
-    unknown = set(spec) - {"name", "base", "grid", "runs", "references"}
+    unknown = set(spec) - {"name", "base", "grid", "runs", "references", "analysis"}
     if unknown:
         raise ConfigError(f"{grid_path}: unknown grid field(s) {sorted(unknown)}")
     if "base" not in spec:
@@ -233,19 +233,35 @@ def run_sweep(
         train(cfg_dir / f"{run.name}.toml", out / run.name, device=device, progress=progress)
     if not analyse:
         return f"{len(planned)} runs trained in {out}"
-    return analyse_sweep(planned, out, progress=progress)
+    return analyse_sweep(planned, out, progress=progress, options=analysis_options(Path(grid)))
 
 
-def analyse_sweep(planned: list[PlannedRun], out: Path, progress: bool = True) -> str:
-    from probekit.analysis import align
+ANALYSIS_DEFAULTS = {"metrics": "all", "n_pairs": 64, "seq_len": None, "eval_max_tokens": None}
+
+
+def analysis_options(grid: Path) -> dict:
+    """The grid's optional [analysis] table: what align and eval do after training."""
+    given = read_toml(Path(grid)).get("analysis", {})
+    unknown = set(given) - set(ANALYSIS_DEFAULTS)
+    if unknown:
+        raise ConfigError(f"{grid}: analysis: unknown field(s) {sorted(unknown)}")
+    return ANALYSIS_DEFAULTS | given
+
+
+def analyse_sweep(
+    planned: list[PlannedRun], out: Path, progress: bool = True, options: dict | None = None
+) -> str:
+    from probekit.analysis import AlignOptions, align
     from probekit.evaluation import evaluate, seed_summary, teff_table
 
+    opts = ANALYSIS_DEFAULTS | (options or {})
+    align_opts = AlignOptions(n_pairs=opts["n_pairs"], seq_len=opts["seq_len"])
     runs = [r for r in planned if r.kind == "run"]
     refs = [out / r.name for r in planned if r.kind == "reference"]
     ctrls = [out / r.name for r in planned if r.kind == "control"]
     for r in runs:
-        evaluate(out / r.name, progress=progress)
-        align(out / r.name, progress=progress)
+        evaluate(out / r.name, max_tokens=opts["eval_max_tokens"], progress=progress)
+        align(out / r.name, metrics=opts["metrics"], options=align_opts, progress=progress)
     lines = []
     try:
         table = teff_table([out / r.name for r in runs], refs, controls=ctrls)

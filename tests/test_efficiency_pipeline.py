@@ -27,6 +27,10 @@ base = "base.toml"
 [references]
 fractions = [0.25, 0.5, 1.0]
 controls = true
+[analysis]
+n_pairs = 12
+seq_len = 32
+eval_max_tokens = 4096
 """
 
 

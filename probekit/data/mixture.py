@@ -120,6 +120,7 @@ class MixtureStream:
         self.weights = np.asarray(weights, dtype=np.float64) if weights else None
         self._chunks = chunks  # per source: base-id token arrays
         self._perm_cache: dict[tuple[int, int], np.ndarray] = {}
+        self._block_counts: dict[int, np.ndarray] = {}
 
     # --- language choice -------------------------------------------------
     def _uniform(self, start: int, count: int) -> np.ndarray:
@@ -149,10 +150,16 @@ class MixtureStream:
 
     def language_counts(self, n: int) -> np.ndarray:
         """Number of sequences of each language among the first n."""
-        counts = np.zeros(len(self.languages), dtype=np.int64)
-        for start in range(0, n, BLOCK):
-            langs = self.languages_of(start, min(BLOCK, n - start))
-            counts += np.bincount(langs, minlength=len(self.languages))
+        k = len(self.languages)
+        full, rest = divmod(n, BLOCK)
+        counts = np.zeros(k, dtype=np.int64)
+        for block in range(full):  # whole blocks are counted once and cached
+            if block not in self._block_counts:
+                langs = self.languages_of(block * BLOCK, BLOCK)
+                self._block_counts[block] = np.bincount(langs, minlength=k)
+            counts += self._block_counts[block]
+        if rest:
+            counts += np.bincount(self.languages_of(full * BLOCK, rest), minlength=k)
         return counts
 
     # --- tokens ------------------------------------------------------------
