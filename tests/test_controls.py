@@ -1,4 +1,4 @@
-"""Controls and uncertainty: rotation-insensitive alignment, chance baselines, bootstrap intervals."""
+"""Controls and uncertainty: rotation-insensitive alignment, baselines, bootstrap intervals."""
 
 from __future__ import annotations
 
