@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,8 @@ class AlignOptions:
     device: str = "cpu"
     neuron_threshold: float = 0.0
     neuron_top_frac: float = 0.1
-    extra: dict = field(default_factory=dict)
+    parallel_files: tuple[str, str] | None = None  # any HF series: two line-aligned texts
+    tokenizer: str | None = None  # any HF series: tokenizer folder (default: first checkpoint)
 
 
 def resolve_metrics(metrics: str | list[str] | tuple[str, ...] | None) -> list[str]:
@@ -134,8 +135,96 @@ class Series:
         return np.bincount(base, minlength=len(self.vocab.to_model[self.pair[0]]))
 
 
-def applicable(series: Series, family: str) -> str | None:
+class ExternalSeries:
+    """Any folder of Hugging Face causal-LM checkpoints, with two line-aligned text files.
+
+    Lines are tokenized with the series' own tokenizer and packed into sequence pairs as
+    for real language pairs (not token-aligned), so hidden-state cosine uses the matching.
+    """
+
+    mode = vocab_mode = "external"
+
+    def __init__(self, path: Path, opts: AlignOptions):
+        from transformers import AutoConfig, AutoTokenizer
+
+        from probekit.data import ParallelSet, _read_lines, _spread, pack_parallel
+
+        self.run_dir = Path(path)
+        if not self.run_dir.is_dir():
+            raise RunDirError(f"checkpoint series not found: {self.run_dir}")
+        ckpts = self.checkpoints()
+        src = Path(opts.tokenizer) if opts.tokenizer else ckpts[0].path
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
+        except (OSError, ValueError) as exc:
+            raise RunDirError(f"{src}: no usable tokenizer (pass --tokenizer DIR): {exc}") from None
+        context = int(getattr(AutoConfig.from_pretrained(str(ckpts[0].path)), "n_positions", 512))
+        self.seq_len = min(opts.seq_len or min(context, 128), context)
+        a, b = (_read_lines(f, "--parallel") for f in opts.parallel_files)
+        if len(a) != len(b):
+            raise MetricError(f"--parallel: the files have {len(a)} and {len(b)} lines")
+        enc = [self.tokenizer(lines, add_special_tokens=False)["input_ids"] for lines in (a, b)]
+        e1, e2 = ([np.asarray(x, dtype=np.int64) for x in side] for side in enc)
+        p1, p2, labels = pack_parallel(e1, e2, [0] * len(e1), self.seq_len)
+        order = _spread(len(p1), opts.n_pairs)
+        self.parallel = ParallelSet(
+            [p1[i] for i in order],
+            [p2[i] for i in order],
+            False,
+            np.zeros(len(order), dtype=int),
+            ["text"],
+        )
+        if len(self.parallel) < 4:
+            raise MetricError(
+                f"--parallel: only {len(self.parallel)} sequence pairs of length "
+                f"{self.seq_len} could be packed"
+            )
+        self.pair = tuple(opts.pair) if opts.pair else ("L1", "L2")
+        self.files = [str(f) for f in opts.parallel_files]
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        return list_checkpoints(self.run_dir)
+
+    @property
+    def attrs(self) -> dict:
+        return {
+            "run_name": self.run_dir.name,
+            "mode": self.mode,
+            "vocab_mode": self.vocab_mode,
+            "p": float("nan"),
+            "schedule": "",
+            "languages": list(self.pair),
+            "parallel_files": self.files,
+        }
+
+    def check_model(self, model, info: CheckpointInfo) -> None:
+        top = max(int(x.max()) for x in self.parallel.ids1 + self.parallel.ids2)
+        if top >= model.config.vocab_size:
+            raise RunDirError(
+                f"{info.path}: token id {top} of the parallel text is outside the "
+                f"model's vocabulary ({model.config.vocab_size}); wrong tokenizer?"
+            )
+
+    def clone_pairs(self) -> np.ndarray:
+        return np.zeros((0, 2), dtype=np.int64)
+
+
+def make_series(path: Path, opts: AlignOptions) -> Series | ExternalSeries:
+    """A probekit run directory, or any HF checkpoint series when parallel files are given."""
+    if opts.parallel_files:
+        return ExternalSeries(path, opts)
+    if Path(path).is_dir() and not (Path(path) / "config.toml").is_file():
+        raise RunDirError(
+            f"{path}: not a probekit run (no config.toml); to analyse another "
+            f"checkpoint series pass --parallel L1.txt L2.txt"
+        )
+    return Series(path, opts)
+
+
+def applicable(series: Series | ExternalSeries, family: str) -> str | None:
     """Why a family cannot be computed for this run, or None."""
+    if family == "probes" and series.mode == "external":
+        return "probes need labelled parallel data (the shipped Bible books); not available here"
     if family == "embeddings" and len(series.clone_pairs()) == 0:
         return (
             f"clone embedding similarity needs cloned languages; this run's "
@@ -146,7 +235,7 @@ def applicable(series: Series, family: str) -> str | None:
 
 def compute_checkpoint(run_dir: Path, step: int, families: list[str], opts: AlignOptions) -> dict:
     """All requested families for one checkpoint -> {family: Dataset}. Runs in any process."""
-    series = Series(run_dir, opts)
+    series = make_series(run_dir, opts)
     info = next((c for c in series.checkpoints() if c.step == step), None)
     if info is None:
         raise RunDirError(f"{run_dir}: no checkpoint for step {step}")
@@ -294,7 +383,7 @@ def align(
     store.check_version(run_dir) if run_dir.is_dir() else None
     explicit = metrics not in (None, "all", ["all"])
     families = resolve_metrics(metrics)
-    series = Series(run_dir, opts)
+    series = make_series(run_dir, opts)
     todo_fams = []
     for fam in families:
         why = applicable(series, fam)

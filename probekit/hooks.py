@@ -18,16 +18,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a mistaken hub lookup fails fast
 
 
 def _hf_tokenizer(tokenizer):
-    """A transformers tokenizer for the bridge (it only needs one to exist)."""
-    from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+    """A transformers tokenizer for the bridge, without a BOS token.
 
-    if isinstance(tokenizer, PreTrainedTokenizerBase):
-        return tokenizer
-    # no bos_token: with one, the bridge would try to reload the tokenizer by name from a hub
+    With a BOS token the bridge re-loads the tokenizer by name (a hub lookup); ids are
+    passed to it directly, so it never tokenizes anything and needs no BOS.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # HF tokenizer or tokenizers'
     return PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer,
-        pad_token="<pad>",
-        eos_token="<|endoftext|>",
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<|endoftext|>"
     )
 
 

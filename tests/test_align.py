@@ -214,3 +214,43 @@ def test_every_command_has_help():
     for cmd in ("train", "align", "eval", "teff", "sweep", "report", "demo"):
         res = _cli(cmd, "--help")
         assert res.exit_code == 0 and "Usage" in res.output
+
+
+def test_any_hf_checkpoint_series_with_parallel_text(tiny_run: Path, tmp_path: Path):
+    """A folder of plain HF checkpoints (e.g. checkpoint-N from another trainer) + two texts."""
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from probekit.data import corpus
+
+    series = tmp_path / "series"
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_file(str(tiny_run / "tokenizer" / "tokenizer_base.json")),
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+    )
+    for info in list_checkpoints(tiny_run)[-2:]:
+        dst = series / f"checkpoint-{info.step}"
+        load_checkpoint(info).save_pretrained(dst)
+        tok.save_pretrained(dst)
+    verses = corpus.parallel_verses("web", "segond")[:400]
+    (tmp_path / "en.txt").write_text("\n".join(v[1] for v in verses))
+    (tmp_path / "fr.txt").write_text("\n".join(v[2] for v in verses))
+    res = _cli(
+        "align",
+        str(series),
+        "--parallel",
+        str(tmp_path / "en.txt"),
+        str(tmp_path / "fr.txt"),
+        "--pairs",
+        "8",
+        "--seq-len",
+        "32",
+        "--quiet",
+    )
+    assert res.exit_code == 0, res.output
+    cube = probekit.open_cube(series)
+    assert len(cube["step"]) == 2 and np.all(np.isfinite(cube["hidden_cos"].values))
+    assert "grad_cos" in cube and "embed_cos" not in cube
+    res = _cli("align", str(series))  # without texts: says what is missing
+    assert res.exit_code == 2 and "--parallel" in res.output

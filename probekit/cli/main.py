@@ -142,6 +142,18 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
 @click.option(
     "--workers", type=int, default=0, help="Spread checkpoints over this many local dask workers."
 )
+@click.option(
+    "--parallel",
+    "parallel_files",
+    nargs=2,
+    default=None,
+    help="Any HF checkpoint series: two line-aligned text files (L1 L2).",
+)
+@click.option(
+    "--tokenizer",
+    default=None,
+    help="Any HF checkpoint series: tokenizer folder (default: first checkpoint's).",
+)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
@@ -157,11 +169,16 @@ def align(
     grad_pairs,
     ci,
     workers,
+    parallel_files,
+    tokenizer,
     device,
     quiet,
 ) -> None:
     """Per-layer cross-language similarity (and shared machinery) over training time,
-    appended to RUN_DIR/analysis.zarr."""
+    appended to RUN_DIR/analysis.zarr.
+
+    RUN_DIR is a probekit run, or any folder of Hugging Face checkpoint folders when
+    --parallel gives two line-aligned texts."""
     from probekit.analysis import AlignOptions
     from probekit.analysis import align as run_align
 
@@ -175,6 +192,8 @@ def align(
         n_grad_pairs=grad_pairs,
         ci=ci,
         device=device,
+        parallel_files=tuple(parallel_files) if parallel_files else None,
+        tokenizer=tokenizer,
     )
     cube = run_align(
         run_dir,

@@ -237,27 +237,7 @@ class RunData:
         e1 = self.vocab.encode([v[1] for v in verses], l1)
         e2 = self.vocab.encode([v[2] for v in verses], l2)
         books = sorted({v[0] for v in verses})
-        pairs1, pairs2, labels = [], [], []
-        cur1, cur2, cur_book = [], [], None
-        min_len = max(seq_len // 4, 1)  # the paper drops packs whose shorter side is < 1/4
-
-        def flush():
-            if cur1 and min(sum(map(len, cur1)), sum(map(len, cur2))) >= min_len:
-                pairs1.append(np.concatenate(cur1)), pairs2.append(np.concatenate(cur2))
-                labels.append(books.index(cur_book))
-
-        for (book, _, _), x, y in zip(verses, e1, e2, strict=True):
-            if len(x) > seq_len or len(y) > seq_len:
-                continue
-            if (
-                book != cur_book
-                or sum(map(len, cur1)) + len(x) > seq_len
-                or sum(map(len, cur2)) + len(y) > seq_len
-            ):
-                flush()
-                cur1, cur2, cur_book = [], [], book
-            cur1.append(x), cur2.append(y)
-        flush()
+        pairs1, pairs2, labels = pack_parallel(e1, e2, [books.index(v[0]) for v in verses], seq_len)
         order = _spread(len(pairs1), n_pairs)
         names = [corpus.book_names().get(b, str(b)) if b else "text" for b in books]
         return ParallelSet(
@@ -267,6 +247,40 @@ class RunData:
             np.asarray([labels[i] for i in order]),
             names,
         )
+
+
+def pack_parallel(
+    e1: list[np.ndarray], e2: list[np.ndarray], groups: list[int], seq_len: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[int]]:
+    """Pack consecutive aligned segments into sequence pairs of at most seq_len per side.
+
+    As the paper did for Europarl: a segment longer than seq_len is skipped, packs never
+    cross a group (book), and a pack whose shorter side is under seq_len / 4 is dropped.
+    """
+    pairs1, pairs2, labels = [], [], []
+    cur1, cur2, cur_group = [], [], None
+    min_len = max(seq_len // 4, 1)
+
+    def flush() -> None:
+        if cur1 and min(sum(map(len, cur1)), sum(map(len, cur2))) >= min_len:
+            pairs1.append(np.concatenate(cur1))
+            pairs2.append(np.concatenate(cur2))
+            labels.append(cur_group)
+
+    for group, x, y in zip(groups, e1, e2, strict=True):
+        if len(x) > seq_len or len(y) > seq_len or not len(x) or not len(y):
+            continue
+        if (
+            group != cur_group
+            or sum(map(len, cur1)) + len(x) > seq_len
+            or sum(map(len, cur2)) + len(y) > seq_len
+        ):
+            flush()
+            cur1, cur2, cur_group = [], [], group
+        cur1.append(x)
+        cur2.append(y)
+    flush()
+    return pairs1, pairs2, labels
 
 
 def cache_dir() -> Path:
@@ -293,10 +307,10 @@ def _spread(n: int, k: int) -> list[int]:
     return np.linspace(0, n - 1, num=k).round().astype(int).tolist()
 
 
-def _read_lines(path: str) -> list[str]:
+def _read_lines(path: str, field: str = "data.parallel") -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise ConfigError(f"data.parallel: file not found: {p}")
+        raise ConfigError(f"{field}: file not found: {p}")
     return [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
 
 
