@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from probekit.config import apply_overrides, dump_config, load_config, read_toml
+from probekit.config import DATA_DEFAULTS, apply_overrides, dump_config, load_config, read_toml
 from probekit.errors import ConfigError, ProbekitError
 
 
@@ -139,6 +139,10 @@ def _mono(raw: dict, lang: str) -> dict:
     for key in ("p", "weights", "schedule", "clones", "frac_clone", "languages", "parallel"):
         d.pop(key, None)
     d["mode"], d["base"] = "mono", lang
+    # only this language's sources: references of clone and pair runs are then one config
+    d["sources"] = {lang: d.get("sources", {}).get(lang, DATA_DEFAULTS["sources"].get(lang, []))}
+    if lang in d.get("test_sources", {}):
+        d["test_sources"] = {lang: d["test_sources"][lang]}
     mono.get("tokenizer", {}).pop("vocab_mode", None)
     mono.setdefault("train", {}).pop("steps", None)
     return mono
