@@ -131,8 +131,7 @@ class Series:
 
     def token_frequency(self) -> np.ndarray:
         """Occurrences of each L1 piece in the training text (both languages together)."""
-        base = self.data._stream_of(self.data.corpus_language(self.pair[0]), "train")
-        return np.bincount(base, minlength=len(self.vocab.to_model[self.pair[0]]))
+        return self.data.train_token_counts(self.pair[0])
 
 
 class ExternalSeries:
@@ -278,7 +277,7 @@ def _embeddings(model, series: Series) -> xr.Dataset:
     from probekit.metrics.embeddings import embedding_similarity, embedding_similarity_by_freq
 
     pairs = series.clone_pairs()
-    base_ids = np.asarray([series.vocab._owners[int(i)][0][1] for i in pairs[:, 0]])
+    base_ids = np.asarray([series.vocab.base_id(series.pair[0], int(i)) for i in pairs[:, 0]])
     freq = series.token_frequency()[base_ids]
     e = embedding_similarity(model, pairs)
     by = embedding_similarity_by_freq(model, pairs, freq)

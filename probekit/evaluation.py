@@ -11,11 +11,13 @@ with the multilingual run's number of optimiser steps) is reported beside it.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import xarray as xr
@@ -179,6 +181,38 @@ def _references_for(facts: RunFacts, lang: str, refs: list[RunFacts]) -> list[Ru
     return same_tok
 
 
+def scaling_reference(
+    facts: RunFacts, lang: str, refs: list[RunFacts], method: str = "auto"
+) -> tuple[Any, dict]:
+    """The monolingual scaling reference of one language, and what to store about it.
+
+    The power-law fit is always attempted and recorded (parameters, residuals), even when
+    `auto` falls back to log-log interpolation because the fit degenerates.
+    """
+    from probekit.metrics.efficiency import choose_reference, fit_power_law
+
+    chosen = _references_for(facts, lang, refs)
+    points = {r.budget / facts.budget: _final_ppl(r, r.languages[0]) for r in chosen}
+    reference = choose_reference(points, method=method)
+    info: dict[str, Any] = reference.describe() | {
+        "x": sorted(points),
+        "ppl": [points[x] for x in sorted(points)],
+        "runs": [str(r.path) for r in sorted(chosen, key=lambda r: r.budget)],
+    }
+    try:
+        fit = fit_power_law(list(points), list(points.values()))
+        info["fit"] = {
+            "a": fit.a,
+            "b": fit.b,
+            "c": fit.c,
+            "degenerate": bool(fit.degenerate),
+            "residuals": [float(r) for r in fit.residuals],
+        }
+    except MetricError as exc:
+        info["fit"] = {"error": str(exc)}
+    return reference, info
+
+
 def token_efficiency(
     run_dir: str | Path,
     references: list[str | Path],
@@ -186,7 +220,6 @@ def token_efficiency(
     store_result: bool = True,
 ) -> xr.Dataset:
     """TEff, MLTE and MLPE of every language at every evaluated checkpoint of a run."""
-    from probekit.metrics.efficiency import choose_reference
     from probekit.metrics.efficiency import token_efficiency as teff_of
 
     facts = run_facts(Path(run_dir))
@@ -198,11 +231,9 @@ def token_efficiency(
         evaluate(facts.path, progress=False)
     ppl = store.read_family(facts.path, "perplexity")
     ckpts = {c.step: c for c in list_checkpoints(facts.path)}
-    parts = []
+    parts, infos = [], {}
     for lang in facts.languages:
-        chosen = _references_for(facts, lang, refs)
-        points = {r.budget / facts.budget: _final_ppl(r, r.languages[0]) for r in chosen}
-        reference = choose_reference(points, method=method)
+        reference, infos[lang] = scaling_reference(facts, lang, refs, method)
         steps = [
             int(s)
             for s in ppl["step"].values
@@ -220,17 +251,13 @@ def token_efficiency(
         )
         ds = teff_of(p, n_lang, facts.budget, reference)
         ds = ds.expand_dims(language=[lang])
-        ds.attrs = {
-            "method": reference.method,
-            "reason": getattr(reference, "reason", ""),
-            "budget_tokens": facts.budget,
-        }
         ds["teff"].attrs["method"] = reference.method
         parts.append(ds)
     if not parts:
         raise MetricError(f"{facts.path}: no evaluated checkpoint has training tokens")
     out = xr.concat(parts, dim="language", combine_attrs="override")
     out["extrapolated"] = out["extrapolated"].astype(bool)
+    out.attrs["references"] = json.dumps(infos)
     if store_result:
         for step in out["step"].values:
             one = out.sel(step=step).drop_vars(["step"], errors="ignore")
@@ -240,7 +267,7 @@ def token_efficiency(
                 one,
                 int(step),
                 ckpts[int(step)].tokens,
-                {"teff_method": out.attrs.get("method", "")},
+                {"teff_references": json.dumps(infos)},
             )
     return out
 
@@ -278,19 +305,13 @@ def teff_table(
                 "mlpe": float(f["mlpe"]),
                 "mlte": float(f["mlte"]),
                 "teff": float(f["teff"]),
-                "method": ds.attrs.get("method", ""),
+                "method": json.loads(ds.attrs["references"])[lang]["method"],
                 "extrapolated": bool(f["extrapolated"]),
             }
             ctrl = _matching_control(facts, lang, float(f["tokens_lang"]), ctrl_facts)
             if ctrl is not None:
                 c_ppl = _final_ppl(ctrl, ctrl.languages[0])
-                chosen = _references_for(facts, lang, ref_facts)
-                from probekit.metrics.efficiency import choose_reference
-
-                reference = choose_reference(
-                    {r.budget / facts.budget: _final_ppl(r, r.languages[0]) for r in chosen},
-                    method=method,
-                )
+                reference, _ = scaling_reference(facts, lang, ref_facts, method)
                 c_tokens = float(ctrl.final.tokens)
                 mlte_c = float(reference.mlte(c_ppl).value) * facts.budget
                 row.update(

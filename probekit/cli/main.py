@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from functools import wraps
 from pathlib import Path
 
@@ -374,7 +375,12 @@ def demo(out, full) -> None:
     run_demo(out, full=full)
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 def main() -> None:
+    warnings.showwarning = _one_line_warning  # users see the message, not our source lines
     cli(prog_name="probekit")
 
 

@@ -131,6 +131,11 @@ class RunData:
                 self._cache[key] = (ids, chars)
         return self._cache[key][0]
 
+    def train_token_counts(self, lang: str) -> np.ndarray:
+        """Occurrences of each base id in a language's training text."""
+        base = self._stream_of(self.corpus_language(lang), "train")
+        return np.bincount(base, minlength=len(self.vocab.to_model[lang]))
+
     def stream(self, total_sequences: int, seq_len: int) -> MixtureStream:
         d = self.cfg["data"]
         names = self.languages

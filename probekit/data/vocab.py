@@ -116,11 +116,15 @@ class Vocabulary:
             (lang, self._pieces[self.tokenizer_of[lang]][b]) for lang, b in self._owners[model_id]
         ]
 
-    def piece(self, lang: str, model_id: int) -> str:
+    def base_id(self, lang: str, model_id: int) -> int:
+        """The base-tokenizer id behind a model id of one language."""
         for owner, base in self._owners[model_id]:
             if owner == lang:
-                return self._pieces[self.tokenizer_of[lang]][base]
+                return base
         raise ValueError(f"id {model_id} is not a {lang} id")
+
+    def piece(self, lang: str, model_id: int) -> str:
+        return self._pieces[self.tokenizer_of[lang]][self.base_id(lang, model_id)]
 
     def decode(self, model_ids: np.ndarray, lang: str) -> str:
         inverse = {int(m): b for b, m in enumerate(self.to_model[lang])}
