@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -379,6 +379,8 @@ def align(
     """
     opts = options or AlignOptions()
     run_dir = Path(run_dir)
+    if opts.device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        opts = replace(opts, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")  # a GPU per rank
     store.check_version(run_dir) if run_dir.is_dir() else None
     explicit = metrics not in (None, "all", ["all"])
     families = resolve_metrics(metrics)

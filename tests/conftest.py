@@ -33,7 +33,7 @@ def tiny_cfg(p: float = 0.1, steps: int = 40, **data) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory) -> Path:
-    """A trained nano clone 90/10 run (checkpoints at 0, 1, 2, 20, 40)."""
+    """A trained nano clone 90/10 run (checkpoints at 0, 1, 4, 20, 40)."""
     from probekit.training import train
 
     out = tmp_path_factory.mktemp("runs") / "clone_90_10"

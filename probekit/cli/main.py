@@ -104,9 +104,10 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     "--metrics",
     default="all",
     show_default=True,
-    help="Comma-separated metrics or families: similarity (hidden_cos, hidden_cos_centred, cka, "
-    "retrieval_acc, linmap_r2, procrustes_r2), neurons, gradients (grad_cos), embeddings "
-    "(embed_cos), probes (probe_transfer), or all.",
+    help="Comma-separated families, or metric names that select their family: similarity "
+    "(hidden_cos, hidden_cos_centred, cka, retrieval_acc, linmap_r2, procrustes_r2), neurons "
+    "(neuron_overlap, lang_specific_frac), gradients (grad_cos), embeddings (embed_cos), probes "
+    "(probe_transfer), or all.",
 )
 @click.option("--steps", default=None, help="Only these checkpoint steps, comma-separated.")
 @click.option("--recompute", is_flag=True, help="Recompute checkpoints already stored.")

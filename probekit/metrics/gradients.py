@@ -488,7 +488,8 @@ def gradient_alignment(
 def mean_paper_tensors(grad_cos: xr.DataArray) -> float:
     """The paper's "Mean": unweighted mean over PAPER_TENSORS x blocks 1..L (NaN cells, i.e.
     attn.k.bias, skipped)."""
-    n_layers = int(grad_cos.layer.max()) - 1
-    sub = grad_cos.sel(layer=slice(1, n_layers), tensor=PAPER_TENSORS)
+    # blocks only: layer 0 (embeddings) and, where present, L+1 (ln_f, lm_head) hold none of
+    # the paper's tensors, so their cells are NaN and drop out of the mean either way
+    sub = grad_cos.sel(layer=grad_cos.layer >= 1, tensor=PAPER_TENSORS)
     val = float(sub.mean())
     return val if not math.isnan(val) else float("nan")
