@@ -186,18 +186,26 @@ def scaling_reference(
 ) -> tuple[Any, dict]:
     """The monolingual scaling reference of one language, and what to store about it.
 
-    The power-law fit is always attempted and recorded (parameters, residuals), even when
-    `auto` falls back to log-log interpolation because the fit degenerates.
+    References of the run's own seed are used where they exist (every seed pooled, geometric
+    mean per fraction, otherwise). The power-law fit is always attempted and recorded
+    (parameters, residuals), even when `auto` falls back to log-log interpolation because
+    the fit degenerates.
     """
     from probekit.metrics.efficiency import choose_reference, fit_power_law
 
     chosen = _references_for(facts, lang, refs)
-    points = {r.budget / facts.budget: _final_ppl(r, r.languages[0]) for r in chosen}
+    # the run's own seed where references exist for it; otherwise every seed, pooled
+    chosen = [r for r in chosen if r.seed == facts.seed] or chosen
+    by_x: dict[float, list[float]] = {}
+    for r in chosen:
+        by_x.setdefault(r.budget / facts.budget, []).append(_final_ppl(r, r.languages[0]))
+    points = {x: math.exp(sum(map(math.log, v)) / len(v)) for x, v in by_x.items()}
     reference = choose_reference(points, method=method)
     info: dict[str, Any] = reference.describe() | {
         "x": sorted(points),
         "ppl": [points[x] for x in sorted(points)],
         "runs": [str(r.path) for r in sorted(chosen, key=lambda r: r.budget)],
+        "seeds": sorted({r.seed for r in chosen}),
     }
     try:
         fit = fit_power_law(list(points), list(points.values()))

@@ -119,3 +119,27 @@ def test_schedule_token_share_from_the_run(tmp_path: Path):
     final = list_checkpoints(tmp_path / "sched")[-1]
     share = final.tokens_per_language["EN2"] / final.tokens
     assert abs(share - 0.5) < 0.08  # mean of the schedule, counted from the stream
+
+
+def test_references_of_the_runs_own_seed(monkeypatch):
+    from types import SimpleNamespace
+
+    import probekit.evaluation as ev
+
+    def facts(seed: int, budget: float):
+        return SimpleNamespace(seed=seed, budget=budget, languages=["EN"], path=f"r{seed}_{budget}")
+
+    run = facts(1, 100.0)
+    refs = [facts(s, b) for s in (0, 1) for b in (10.0, 50.0, 100.0)]
+    ppl = {
+        (s, b): (200.0 if s == 0 else 100.0) * (100.0 / b) ** 0.5
+        for s in (0, 1)
+        for b in (10, 50, 100)
+    }
+    monkeypatch.setattr(ev, "_references_for", lambda f, lang, r: r)
+    monkeypatch.setattr(ev, "_final_ppl", lambda r, lang: ppl[(r.seed, r.budget)])
+    _, info = ev.scaling_reference(run, "EN", refs, "interp")
+    assert info["seeds"] == [1] and info["ppl"][-1] == pytest.approx(100.0)
+    _, pooled = ev.scaling_reference(facts(7, 100.0), "EN", refs, "interp")
+    assert pooled["seeds"] == [0, 1]
+    assert pooled["ppl"][-1] == pytest.approx((200.0 * 100.0) ** 0.5)  # geometric mean
