@@ -396,7 +396,8 @@ def align(
     _steady_heap()
     if opts.device.startswith("cuda") and int(os.environ.get("WORLD_SIZE", 1)) > 1:
         opts = replace(opts, device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")  # a GPU per rank
-    store.check_version(run_dir) if run_dir.is_dir() else None
+    if run_dir.is_dir():
+        store.check_version(run_dir)
     explicit = metrics not in (None, "all", ["all"])
     families = resolve_metrics(metrics)
     series = make_series(run_dir, opts)
@@ -410,10 +411,8 @@ def align(
         else:
             print(f"note: skipping {fam}: {why}")
     ckpts = _selected(series, steps)
-    if recompute:
-        for fam in todo_fams:
-            store.drop_steps(run_dir, fam, [c.step for c in ckpts])
-    done = {fam: set(store.stored_steps(run_dir, fam)) for fam in todo_fams}
+    # --recompute overwrites each step as its new result arrives: a failure keeps the old one
+    done = {fam: set() if recompute else set(store.stored_steps(run_dir, fam)) for fam in todo_fams}
     jobs = [(c, [f for f in todo_fams if c.step not in done[f]]) for c in ckpts]
     jobs = [(c, fams) for c, fams in jobs if fams]
     attrs = series.attrs | {"align_options": str(asdict(opts))}

@@ -57,9 +57,8 @@ def evaluate(
         if missing:
             raise RunDirError(f"{run_dir}: no checkpoint for step(s) {missing}")
         ckpts = [c for c in ckpts if c.step in set(steps)]
-    if recompute:
-        store.drop_steps(run_dir, "perplexity", [c.step for c in ckpts])
-    done = set(store.stored_steps(run_dir, "perplexity"))
+    # --recompute overwrites each step as it is recomputed: a failure keeps the old value
+    done = set() if recompute else set(store.stored_steps(run_dir, "perplexity"))
     limit = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
     texts = {}
     for lang in data.languages:

@@ -185,27 +185,6 @@ def write_step(
     write_steps(run_dir, family, ds, attrs)
 
 
-def drop_steps(run_dir: Path, family: str, steps: list[int]) -> None:
-    """Remove steps (for --recompute) by rewriting the group without them."""
-    ds = read_family(run_dir, family)
-    if ds is None:
-        return
-    keep = [s for s in ds["step"].values if int(s) not in set(steps)]
-    path = store_path(run_dir)
-    with _locked(path):
-        if not keep:
-            shutil.rmtree(path / family)
-            _consolidate(path)
-            return
-        tmp = path / f".tmp-{family}"
-        _to_zarr(ds.sel(step=keep), path, f".tmp-{family}")
-        cur, old_dir = path / family, path / f".old-{family}"
-        cur.rename(old_dir)
-        tmp.rename(cur)
-        shutil.rmtree(old_dir)
-        _consolidate(path)
-
-
 def families(run_dir: Path) -> list[str]:
     path = store_path(run_dir)
     return [

@@ -27,8 +27,6 @@ def test_write_read_with_plain_xarray(tmp_path):
     assert ds.attrs["run_name"] == "r" and ds["hidden_cos"].attrs["definition"] == "test"
     store.write_step(tmp_path, "similarity", _ds(-1), 5, 500.0)  # replace one step
     assert float(store.read_family(tmp_path, "similarity")["hidden_cos"].sel(step=5)[0]) == -1
-    store.drop_steps(tmp_path, "similarity", [5])
-    assert store.stored_steps(tmp_path, "similarity") == [0, 10]
 
 
 def test_families_merge_and_new_variables(tmp_path):
