@@ -214,8 +214,9 @@ def _print_final(cube, names: list[str]) -> None:
     last = cube.isel(step=-1)
     for name in names:
         if name in cube and "layer" in cube[name].dims and cube[name].ndim == 2:
-            vals = " ".join(f"{v:.3f}" for v in last[name].values)
-            click.echo(f"{name:>14} @ step {int(last['step'])} per layer: {vals}")
+            da = last[name].dropna("layer")  # neurons exist for blocks only, not layer 0
+            vals = " ".join(f"{int(la)}:{v:.3f}" for la, v in zip(da["layer"].values, da.values))
+            click.echo(f"{name:>14} @ step {int(last['step'])}, per layer {vals}")
 
 
 @cli.command("eval")
