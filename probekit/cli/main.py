@@ -215,7 +215,9 @@ def _print_final(cube, names: list[str]) -> None:
     for name in names:
         if name in cube and "layer" in cube[name].dims and cube[name].ndim == 2:
             da = last[name].dropna("layer")  # neurons exist for blocks only, not layer 0
-            vals = " ".join(f"{int(la)}:{v:.3f}" for la, v in zip(da["layer"].values, da.values))
+            vals = " ".join(
+                f"{int(la)}:{v:.3f}" for la, v in zip(da["layer"].values, da.values, strict=True)
+            )
             click.echo(f"{name:>14} @ step {int(last['step'])}, per layer {vals}")
 
 
