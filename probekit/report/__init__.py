@@ -1,0 +1,46 @@
+"""Report: altair charts over analysis cubes and a self-contained HTML page (see docs/report.md)."""
+
+from probekit.report.charts import (
+    CAPTIONS,
+    MissingMetric,
+    embed_cos_chart,
+    embed_freq_chart,
+    grad_heatmap,
+    grad_mean_over_time,
+    lang_specific_chart,
+    layer_profile,
+    neuron_overlap_chart,
+    ppl_chart,
+    probe_chart,
+    retrieval_chart,
+    run_color_scale,
+    similarity_heatmap,
+    summary_table,
+    sweep_chart,
+    sweep_table_from_runs,
+    teff_chart,
+)
+from probekit.report.html import build_charts, write_report
+
+__all__ = [
+    "CAPTIONS",
+    "MissingMetric",
+    "build_charts",
+    "embed_cos_chart",
+    "embed_freq_chart",
+    "grad_heatmap",
+    "grad_mean_over_time",
+    "lang_specific_chart",
+    "layer_profile",
+    "neuron_overlap_chart",
+    "ppl_chart",
+    "probe_chart",
+    "retrieval_chart",
+    "run_color_scale",
+    "similarity_heatmap",
+    "summary_table",
+    "sweep_chart",
+    "sweep_table_from_runs",
+    "teff_chart",
+    "write_report",
+]
