@@ -44,7 +44,10 @@ def build_vocabulary(cfg: dict) -> Vocabulary:
     for lang, docs in texts.items():
         if not docs:
             raise ConfigError(f"data.sources.{lang}: no training text")
-    bpe = lambda docs: train_bpe(docs, t["vocab_size"], t["min_frequency"], seed)  # noqa: E731
+
+    def bpe(docs: list[str]):
+        return train_bpe(docs, t["vocab_size"], t["min_frequency"], seed)
+
     if d["mode"] == "clone":
         return clone_vocabulary(bpe(texts[langs[0]]), names, d["frac_clone"], seed)
     if d["mode"] == "mono":
