@@ -5,7 +5,19 @@ from __future__ import annotations
 import runpy
 from pathlib import Path
 
+import pytest
+import torch
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "examples" / "notebook.py"
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    # the notebook sets torch's thread count for the whole process; later tests compare
+    # weights bitwise with runs made at one thread, so put it back
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_notebook_runs_and_writes_report(tmp_path, monkeypatch):
