@@ -81,7 +81,7 @@ heat = similarity_heatmap(runs, "hidden_cos", x="step")
 profile = layer_profile(runs, "hidden_cos", step="final")
 heat.save(str(OUT / "hidden_cos_heatmap.html"))
 profile.save(str(OUT / "hidden_cos_profile.html"))
-profile
+profile  # noqa: B018 -- a cell's last expression is what Jupyter displays
 
 # %% [markdown]
 # ## The report
