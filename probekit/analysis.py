@@ -19,7 +19,12 @@ import torch
 import xarray as xr
 
 from probekit import store
-from probekit.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
+from probekit.checkpoints import (
+    CheckpointInfo,
+    list_checkpoints,
+    load_checkpoint,
+    select_checkpoints,
+)
 from probekit.errors import MetricError, ProbekitError, RunDirError
 
 METRICS: dict[str, str] = {
@@ -361,16 +366,7 @@ def _steady_heap() -> None:
 
 
 def _selected(series: Series, steps: list[int] | None) -> list[CheckpointInfo]:
-    ckpts = series.checkpoints()
-    if steps:
-        have = {c.step for c in ckpts}
-        missing = [s for s in steps if s not in have]
-        if missing:
-            raise RunDirError(
-                f"{series.run_dir}: no checkpoint for step(s) "
-                f"{', '.join(map(str, missing))} (have: {sorted(have)})"
-            )
-        ckpts = [c for c in ckpts if c.step in set(steps)]
+    ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     return ckpts[rank::world] if world > 1 else ckpts  # torchrun: each rank its own steps
 

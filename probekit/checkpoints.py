@@ -102,6 +102,22 @@ def list_checkpoints(run_dir_or_series: Path | str) -> list[CheckpointInfo]:
     return [infos[s] for s in sorted(infos)]
 
 
+def select_checkpoints(
+    ckpts: list[CheckpointInfo], steps: list[int] | None, where: Path | str
+) -> list[CheckpointInfo]:
+    """The checkpoints of the given steps (all if none); a missing step is a one-line error."""
+    if not steps:
+        return ckpts
+    have = {c.step for c in ckpts}
+    missing = [s for s in steps if s not in have]
+    if missing:
+        raise RunDirError(
+            f"{where}: no checkpoint for step(s) {', '.join(map(str, missing))} "
+            f"(have: {sorted(have)})"
+        )
+    return [c for c in ckpts if c.step in set(steps)]
+
+
 def load_checkpoint(info: CheckpointInfo | Path | str, device: str = "cpu") -> Any:
     """The checkpoint's model (`AutoModelForCausalLM`, offline), in eval mode on `device`."""
     from transformers import AutoModelForCausalLM

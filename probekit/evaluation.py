@@ -23,7 +23,12 @@ import pandas as pd
 import xarray as xr
 
 from probekit import store
-from probekit.checkpoints import CheckpointInfo, list_checkpoints, load_checkpoint
+from probekit.checkpoints import (
+    CheckpointInfo,
+    list_checkpoints,
+    load_checkpoint,
+    select_checkpoints,
+)
 from probekit.errors import MetricError, RunDirError
 
 DEFAULT_MAX_TOKENS = 65_536  # per language and checkpoint; --max-tokens 0 scores the whole split
@@ -51,12 +56,7 @@ def evaluate(
     store.check_version(run_dir)
     data = load_run_data(run_dir)
     window = int(data.cfg["model"]["context"])
-    ckpts = list_checkpoints(run_dir)
-    if steps:
-        missing = sorted(set(steps) - {c.step for c in ckpts})
-        if missing:
-            raise RunDirError(f"{run_dir}: no checkpoint for step(s) {missing}")
-        ckpts = [c for c in ckpts if c.step in set(steps)]
+    ckpts = select_checkpoints(list_checkpoints(run_dir), steps, run_dir)
     # --recompute overwrites each step as it is recomputed: a failure keeps the old value
     done = set() if recompute else set(store.stored_steps(run_dir, "perplexity"))
     limit = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
