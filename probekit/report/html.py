@@ -141,6 +141,10 @@ def build_charts(
             return
         out.append(Rendered(name, chart, caption, _partial_notes(runs, *vars_)))
 
+    def add_runs_chart(name: str, *vars_: str) -> None:
+        """A chart of every run drawn by the charts function of the same name."""
+        add(name, vars_, lambda: getattr(C, name)(runs, color_domain=names), C.CAPTIONS[name])
+
     for metric, label in C.SIMILARITY_METRICS.items():
         add(
             f"similarity_heatmap_{metric}",
@@ -180,36 +184,11 @@ def build_charts(
             lambda: C.grad_heatmap(next(iter(runs.values()))),
             C.CAPTIONS["grad_heatmap"],
         )
-    add(
-        "grad_mean_over_time",
-        ("grad_cos",),
-        lambda: C.grad_mean_over_time(runs, color_domain=names),
-        C.CAPTIONS["grad_mean_over_time"],
-    )
-    add(
-        "neuron_overlap_chart",
-        ("neuron_overlap",),
-        lambda: C.neuron_overlap_chart(runs, color_domain=names),
-        C.CAPTIONS["neuron_overlap_chart"],
-    )
-    add(
-        "lang_specific_chart",
-        ("lang_specific_frac",),
-        lambda: C.lang_specific_chart(runs, color_domain=names),
-        C.CAPTIONS["lang_specific_chart"],
-    )
-    add(
-        "ppl_chart",
-        ("ppl",),
-        lambda: C.ppl_chart(runs, color_domain=names),
-        C.CAPTIONS["ppl_chart"],
-    )
-    add(
-        "teff_chart",
-        ("teff",),
-        lambda: C.teff_chart(runs, color_domain=names),
-        C.CAPTIONS["teff_chart"],
-    )
+    add_runs_chart("grad_mean_over_time", "grad_cos")
+    add_runs_chart("neuron_overlap_chart", "neuron_overlap")
+    add_runs_chart("lang_specific_chart", "lang_specific_frac")
+    add_runs_chart("ppl_chart", "ppl")
+    add_runs_chart("teff_chart", "teff")
     table = sweep_table if sweep_table is not None else C.sweep_table_from_runs(runs)
     try:
         out.append(Rendered("sweep_chart", C.sweep_chart(table), C.CAPTIONS["sweep_chart"]))
@@ -221,30 +200,10 @@ def build_charts(
                 "two or more runs with a `p` attribute and ppl)",
             )
         )
-    add(
-        "embed_cos_chart",
-        ("embed_cos",),
-        lambda: C.embed_cos_chart(runs, color_domain=names),
-        C.CAPTIONS["embed_cos_chart"],
-    )
-    add(
-        "embed_freq_chart",
-        ("embed_cos_by_freq",),
-        lambda: C.embed_freq_chart(runs, color_domain=names),
-        C.CAPTIONS["embed_freq_chart"],
-    )
-    add(
-        "retrieval_chart",
-        ("retrieval_acc",),
-        lambda: C.retrieval_chart(runs, color_domain=names),
-        C.CAPTIONS["retrieval_chart"],
-    )
-    add(
-        "probe_chart",
-        ("probe_transfer", "probe_in_language"),
-        lambda: C.probe_chart(runs, color_domain=names),
-        C.CAPTIONS["probe_chart"],
-    )
+    add_runs_chart("embed_cos_chart", "embed_cos")
+    add_runs_chart("embed_freq_chart", "embed_cos_by_freq")
+    add_runs_chart("retrieval_chart", "retrieval_acc")
+    add_runs_chart("probe_chart", "probe_transfer", "probe_in_language")
     return out, skipped
 
 
