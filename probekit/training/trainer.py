@@ -304,6 +304,39 @@ def _ce_sum(model: Any, ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, i
     return loss, int((targets != -100).sum())
 
 
+def forward_backward(
+    model: Any,
+    batch: torch.Tensor,
+    pad_id: int,
+    grad_accum: int = 1,
+    rank: int = 0,
+    world: int = 1,
+    amp: Any = nullcontext,
+    scaler: Any = None,
+) -> torch.Tensor:
+    """Forward and backward of one optimiser step; returns this rank's share of the mean loss.
+
+    `batch` is the step's global [B, T + 1] ids; this rank takes its B / world sequences in
+    `grad_accum` micro-batches. Gradients accumulate in `.grad` as those of the step's mean
+    loss over all non-pad targets, whatever the split (DDP averages the ranks' gradients).
+    """
+    n_targets = int((batch[:, 1:] != pad_id).sum())  # global count: exact mean loss
+    per_rank = batch.size(0) // world
+    device = next(model.parameters()).device
+    mine = batch[rank * per_rank : (rank + 1) * per_rank].to(device, non_blocking=True)
+    micro = per_rank // grad_accum
+    loss_share = torch.zeros((), device=device)
+    for k in range(grad_accum):
+        last = k == grad_accum - 1
+        sync = nullcontext() if last or world == 1 else model.no_sync()
+        with sync, amp():
+            s, _ = _ce_sum(model, mine[k * micro : (k + 1) * micro], pad_id)
+            loss = s * world / max(n_targets, 1)  # DDP divides by world again
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_share += loss.detach() / world
+    return loss_share
+
+
 @torch.no_grad()
 def evaluate(model: Any, heldout: dict[str, torch.Tensor], pad_id: int, amp: Any) -> dict:
     """Mean held-out cross-entropy per language."""
@@ -472,7 +505,6 @@ def train(
     if t["compile"] and dev.type == "cuda":
         step_model = torch.compile(step_model)
 
-    micro = B // world // t["grad_accum"]
     bar = None
     if progress and rank0:
         from tqdm.auto import tqdm
@@ -482,20 +514,18 @@ def train(
     loss_acc, n_acc, t_train, tok_acc = torch.zeros((), device=dev), 0, 0.0, 0
     for step in range(start, stop):
         t0 = time.perf_counter()
-        ids_np, lang_np = stream.sequences(
-            step * B, B
-        )  # all ranks read the step, each uses its slice
-        ids_all = torch.from_numpy(ids_np)
-        n_targets = int((ids_all[:, 1:] != data.pad_id).sum())  # global count: exact mean loss
-        mine = ids_all[rank * (B // world) : (rank + 1) * (B // world)].to(dev, non_blocking=True)
-        for k in range(t["grad_accum"]):
-            last = k == t["grad_accum"] - 1
-            sync = nullcontext() if last or world == 1 else step_model.no_sync()
-            with sync, amp():
-                s, _ = _ce_sum(step_model, mine[k * micro : (k + 1) * micro], data.pad_id)
-                loss = s * world / max(n_targets, 1)  # DDP divides by world again
-            (scaler.scale(loss) if scaler else loss).backward()
-            loss_acc += loss.detach() / world
+        # all ranks read the step, each uses its slice
+        ids_np, lang_np = stream.sequences(step * B, B)
+        loss_acc += forward_backward(
+            step_model,
+            torch.from_numpy(ids_np),
+            data.pad_id,
+            t["grad_accum"],
+            rank,
+            world,
+            amp,
+            scaler,
+        )
         if scaler:
             scaler.unscale_(opt)
         if t["grad_clip"] > 0:
