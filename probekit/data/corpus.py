@@ -1,5 +1,8 @@
 """Text sources: the shipped public-domain corpus and users' own plain-text files.
 
+Shipped Bibles: English (web, kjv, bbe), French (segond, darby), Spanish (rv1909) and
+Italian (diodati), all with the same verse keys in KJV versification.
+
 Splits are fixed by book so that text used for analysis is never trained on:
 Bible test books are Joshua, Ruth, Esther and Mark; the parallel (analysis) books
 are John, Acts and Romans; every other book is training text. For the English
@@ -23,7 +26,11 @@ BIBLES = {  # name -> (corpus language, file)
     "bbe": ("en", "bible_en_bbe.tsv.xz"),
     "segond": ("fr", "bible_fr_segond.tsv.xz"),
     "darby": ("fr", "bible_fr_darby.tsv.xz"),
+    "rv1909": ("es", "bible_es_rv1909.tsv.xz"),
+    "diodati": ("it", "bible_it_diodati.tsv.xz"),
 }
+# Every shipped Bible has the same verse keys (KJV versification), so any two are aligned.
+BIBLE_LANGUAGES = tuple(dict.fromkeys(lang for lang, _ in BIBLES.values()))  # en fr es it
 TEST_BOOKS = frozenset({6, 8, 17, 41})  # Joshua, Ruth, Esther, Mark
 PARALLEL_BOOKS = (43, 44, 45)  # John, Acts, Romans
 AUSTEN = (
@@ -60,10 +67,14 @@ def book_names() -> dict[int, str]:
     return {int(row[0]): row[1] for row in _read_tsv("bible_books.tsv.xz")}
 
 
-def _book_split(book: int) -> str:
+def book_split(book: int) -> str:
+    """'train', 'test' or 'parallel': the fixed split of a Bible book (1..66, KJV order)."""
     if book in TEST_BOOKS:
         return "test"
     return "parallel" if book in PARALLEL_BOOKS else "train"
+
+
+_book_split = book_split
 
 
 def _bible_docs(name: str, split: str) -> list[str]:
@@ -147,8 +158,32 @@ def language_docs(data: dict, lang: str, split: str) -> list[str]:
     return docs
 
 
-def parallel_verses(en: str = "web", fr: str = "segond") -> list[tuple[int, str, str]]:
-    """Verse-aligned (book, text_a, text_b) of the held-out parallel books, in order."""
-    a = {(b, c, v): t for b, c, v, t in bible_verses(en) if b in PARALLEL_BOOKS}
-    b_ = {(b, c, v): t for b, c, v, t in bible_verses(fr) if b in PARALLEL_BOOKS}
-    return [(k[0], a[k], b_[k]) for k in sorted(a) if k in b_]
+def bibles_of(lang: str) -> tuple[str, ...]:
+    """Names of the shipped Bibles of one corpus language, the default first ('es' -> rv1909)."""
+    names = tuple(name for name, (code, _) in BIBLES.items() if code == lang)
+    if not names:
+        raise ConfigError(
+            f"no shipped Bible in language {lang!r} (shipped: {', '.join(BIBLE_LANGUAGES)})"
+        )
+    return names
+
+
+def parallel_verses(
+    a: str = "web", b: str = "segond", split: str = "parallel"
+) -> list[tuple[int, str, str]]:
+    """Verse-aligned (book, text_a, text_b) of two shipped Bibles (any languages) in one split.
+
+    The default split is the held-out parallel books (John, Acts, Romans), in verse order.
+    """
+    if split not in SPLITS:
+        raise ValueError(split)
+    va = {(bk, c, v): t for bk, c, v, t in bible_verses(a) if _book_split(bk) == split}
+    vb = {(bk, c, v): t for bk, c, v, t in bible_verses(b) if _book_split(bk) == split}
+    return [(k[0], va[k], vb[k]) for k in sorted(va) if k in vb]
+
+
+def language_parallel_verses(
+    lang_a: str, lang_b: str, split: str = "parallel"
+) -> list[tuple[int, str, str]]:
+    """`parallel_verses` of the default shipped Bibles of two corpus languages ('es', 'it')."""
+    return parallel_verses(bibles_of(lang_a)[0], bibles_of(lang_b)[0], split)
