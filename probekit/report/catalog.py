@@ -1,0 +1,161 @@
+"""What the report knows about each cube variable: its human title and the question it answers.
+
+`VARIABLES` is the ONE table the report reads: a plain dict keyed by variable name. A
+variable's `question` picks the page section it is drawn in; `title` is the text readers see
+in place of the variable name; `control` names the variable (or constant) it is read against.
+Later this table is meant to come from the metric registry: keep it a dict keyed by variable
+name, so that swapping its source is a small change.
+
+Variables the table does not list are still placed when their name starts with one of the
+`PREFIXES` (e.g. a future `lens_*`, `patch_*` or `ablation_*` family): the section of their
+question then appears as soon as a cube carries them, drawn with the generic chart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Sections of the page, in page order: id -> title and a two-line "how to read this".
+QUESTIONS: dict[str, dict[str, str]] = {
+    "gain": {
+        "title": "Does the rare language gain?",
+        "read": "Perplexity and token efficiency (TEff) of each language over training tokens, "
+        "and at the end of each run across the share p. TEff = 1 means as good as a monolingual "
+        "model on the same tokens; above 1 the language gains from the other one, and above "
+        "its dashed update-matched control the gain is more than extra optimiser updates.",
+    },
+    "representations": {
+        "title": "Are the representations shared?",
+        "read": "How alike the two languages' hidden states are on parallel text, per layer "
+        "(0 = embeddings) and over training. Read each measure against its dashed "
+        "different-text baseline: only the distance above it is shared content.",
+    },
+    "machinery": {
+        "title": "Is the machinery shared?",
+        "read": "Whether both languages use the same MLP neurons (against the dashed chance "
+        "overlap), push the weights the same way (gradient cosine, 0 = unrelated) and give a "
+        "token and its clone the same embedding (clone pairs against all pairs).",
+    },
+    "layers": {
+        "title": "Which language does each layer think in, and what do interventions change?",
+        "read": "Logit-lens readouts per layer, and how the other language's loss moves when "
+        "activations are patched or components ablated. Drawn from the cube's lens_*, patch_* "
+        "and ablation_* variables.",
+    },
+    "other": {
+        "title": "Other measures",
+        "read": "Variables the report has no question for yet, drawn per layer or over "
+        "training tokens.",
+    },
+}
+
+# Every variable the report draws or summarises: name -> title, question, and its control.
+VARIABLES: dict[str, dict[str, Any]] = {
+    # token efficiency and perplexity
+    "ppl": {"title": "perplexity", "question": "gain", "higher_is": "worse"},
+    "ppl_char": {"title": "perplexity per character", "question": "gain", "higher_is": "worse"},
+    "mlpe": {"title": "monolingual perplexity equivalent (MLPE)", "question": "gain"},
+    "mlte": {"title": "monolingual token equivalent (MLTE)", "question": "gain"},
+    "teff": {
+        "title": "token efficiency (TEff)",
+        "question": "gain",
+        "control": "teff_control",
+        "chance": 1.0,
+    },
+    "teff_control": {"title": "TEff of the update-matched control", "question": "gain"},
+    "transfer": {"title": "transfer ratio (MLTE / MLTE of the control)", "question": "gain"},
+    # representations
+    "hidden_cos": {
+        "title": "hidden-state cosine",
+        "question": "representations",
+        "control": "hidden_cos_baseline",
+    },
+    "hidden_cos_centred": {
+        "title": "centred hidden-state cosine",
+        "question": "representations",
+        "control": "hidden_cos_centred_baseline",
+    },
+    "cka": {"title": "linear CKA", "question": "representations", "control": "cka_baseline"},
+    "linmap_r2": {
+        "title": "linear-map R²",
+        "question": "representations",
+        "control": "linmap_r2_baseline",
+    },
+    "procrustes_r2": {
+        "title": "Procrustes R²",
+        "question": "representations",
+        "control": "procrustes_r2_baseline",
+    },
+    "retrieval_acc": {
+        "title": "translation retrieval accuracy",
+        "question": "representations",
+        "control": "chance = 1 / pairs",
+    },
+    "probe_transfer": {
+        "title": "probe accuracy across languages",
+        "question": "representations",
+        "control": "probe_in_language",
+    },
+    "probe_in_language": {"title": "probe accuracy in-language", "question": "representations"},
+    # machinery
+    "neuron_overlap": {
+        "title": "MLP neuron overlap (Jaccard)",
+        "question": "machinery",
+        "control": "neuron_overlap_chance",
+    },
+    "neuron_overlap_chance": {"title": "neuron overlap by chance", "question": "machinery"},
+    "lang_specific_frac": {
+        "title": "language-specific neuron fraction",
+        "question": "machinery",
+        "higher_is": "less shared",
+    },
+    "neuron_act_prob": {"title": "neuron activation probability", "question": "machinery"},
+    "grad_cos": {"title": "gradient cosine", "question": "machinery", "chance": 0.0},
+    "embed_cos": {"title": "embedding cosine (clone vs all pairs)", "question": "machinery"},
+    "embed_cos_by_freq": {
+        "title": "clone-pair embedding cosine by frequency",
+        "question": "machinery",
+    },
+}
+
+# Families that do not exist yet: a variable starting with one of these lands in that question.
+PREFIXES: dict[str, str] = {"lens_": "layers", "patch_": "layers", "ablation_": "layers"}
+
+# Variables that only accompany another one (drawn with it, never on their own).
+COMPANION_SUFFIXES = ("_baseline", "_lo", "_hi", "_count", "_chance", "_coef")
+
+# Which `probekit` command fills a missing variable (for the list of charts not drawn).
+FIX: dict[str, str] = {
+    "ppl": "probekit eval RUN_DIR",
+    "teff": "probekit teff RUN_DIR --reference MONO_RUN",
+    "neuron_overlap": "probekit align RUN_DIR --metrics neurons",
+    "lang_specific_frac": "probekit align RUN_DIR --metrics neurons",
+    "embed_cos_by_freq": "probekit align RUN_DIR --metrics embeddings",
+    "probe_transfer": "probekit align RUN_DIR --metrics probes",
+}
+
+
+def question_of(var: str) -> str | None:
+    """The question (section id) a variable belongs to, or None if the report ignores it."""
+    if var in VARIABLES:
+        return VARIABLES[var]["question"]
+    for prefix, q in PREFIXES.items():
+        if var.startswith(prefix):
+            return q
+    return None
+
+
+def title_of(var: str) -> str:
+    """Human title of a variable (its name with underscores as spaces when not listed)."""
+    if var in VARIABLES:
+        return VARIABLES[var]["title"]
+    return var.replace("_", " ")
+
+
+def fix_command(var: str, run: str = "RUN_DIR") -> str:
+    """The command that fills `var` for `run`."""
+    return FIX.get(var, f"probekit align RUN_DIR --metrics {var}").replace("RUN_DIR", run)
+
+
+def is_companion(var: str) -> bool:
+    return var.endswith(COMPANION_SUFFIXES)
