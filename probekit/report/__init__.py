@@ -1,12 +1,16 @@
 """Report: altair charts over analysis cubes and a self-contained HTML page (see docs/report.md)."""
 
+from probekit.report.catalog import PREFIXES, QUESTIONS, VARIABLES, question_of, title_of
 from probekit.report.charts import (
     CAPTIONS,
+    SIMILARITY_METRICS,
     MissingMetric,
     embed_cos_chart,
     embed_freq_chart,
     grad_heatmap,
+    grad_heatmap_runs,
     grad_mean_over_time,
+    grid_alignment_chart,
     lang_specific_chart,
     layer_profile,
     neuron_overlap_chart,
@@ -19,22 +23,39 @@ from probekit.report.charts import (
     sweep_chart,
     sweep_table_from_runs,
     teff_chart,
+    token_scale,
+    variable_chart,
 )
+from probekit.report.findings import compute_findings, findings_table
+from probekit.report.grid import is_sweep_dir, load_sweep
 from probekit.report.html import build_charts, write_report
+from probekit.report.make import make_report
 
 __all__ = [
     "CAPTIONS",
     "MissingMetric",
+    "PREFIXES",
+    "QUESTIONS",
+    "SIMILARITY_METRICS",
+    "VARIABLES",
     "build_charts",
     "embed_cos_chart",
     "embed_freq_chart",
+    "compute_findings",
+    "findings_table",
     "grad_heatmap",
+    "grad_heatmap_runs",
     "grad_mean_over_time",
+    "grid_alignment_chart",
+    "is_sweep_dir",
     "lang_specific_chart",
     "layer_profile",
+    "load_sweep",
+    "make_report",
     "neuron_overlap_chart",
     "ppl_chart",
     "probe_chart",
+    "question_of",
     "retrieval_chart",
     "run_color_scale",
     "similarity_heatmap",
@@ -42,5 +63,8 @@ __all__ = [
     "sweep_chart",
     "sweep_table_from_runs",
     "teff_chart",
+    "title_of",
+    "token_scale",
+    "variable_chart",
     "write_report",
 ]
