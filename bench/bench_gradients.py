@@ -4,8 +4,8 @@ Usage: python bench/bench_gradients.py [--quick] [--threads 1] [--pairs 32] [--s
 
 For each setting (the `nano`, `tiny`, `cpu` presets with vocab 1024 = clones of a 512-piece
 BPE, T=128, and one wider setting) it times, interleaved and best of --repeat:
-  * reference : gradient_alignment_reference, two full backward passes per pair, every
-                parameter gradient cloned and flattened (the authors' loop);
+  * reference : gradient_alignment_reference (tests/oracles.py), two full backward passes per
+                pair, every parameter gradient flattened (the authors' loop);
   * batched   : probekit.metrics.gradients.gradient_alignment (hooks + activation-only backward,
                 ghost / explicit per-tensor inner products), chunk 16 and chunk 32;
   * vmap      : a candidate (NOT in probekit): torch.func per-example gradients,
@@ -22,16 +22,20 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the reference loop is a test-only oracle: it lives in the repo's tests/oracles.py
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from oracles import gradient_alignment_reference
 
 from probekit.metrics import gradients as G
-from probekit.metrics.gradients import gradient_alignment, gradient_alignment_reference
+from probekit.metrics.gradients import gradient_alignment
 from probekit.training import build_model
 
 

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from oracles import gradient_alignment_reference
 
 from probekit.errors import MetricError
 from probekit.metrics.gradients import (
@@ -10,7 +11,6 @@ from probekit.metrics.gradients import (
     QKV_TENSORS,
     TENSORS,
     gradient_alignment,
-    gradient_alignment_reference,
     mean_paper_tensors,
 )
 

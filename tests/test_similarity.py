@@ -5,13 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from oracles import cka_biased_gram, cka_debiased_gram
 
 from probekit.errors import MetricError
 from probekit.metrics.similarity import (
     METRICS,
     SimilarityAccumulator,
-    cka_biased_gram,
-    cka_debiased_gram,
     matched_cosine,
     retrieval_accuracy,
     token_cosine,

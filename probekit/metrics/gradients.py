@@ -13,7 +13,8 @@ Biases, LayerNorms and embeddings have their own closed forms (see ``_dots_*``).
 batch do not interact (causal attention with a padding mask), so the per-position output
 gradients of a summed batch loss are exactly the per-sequence ones.
 
-Reference (``gradient_alignment_reference``): the original two-``backward()``-per-pair loop.
+Reference: ``gradient_alignment_reference`` in tests/oracles.py, an independent
+two-backward-per-pair loop (test-only oracle; tests and bench/ compare this module to it).
 
 Output ``grad_cos`` dims (layer, tensor):
   - layer 1..L: block tensors named as under ``transformer.h.{l}`` (``ln_1.weight``,
@@ -187,59 +188,6 @@ def _finish(stats: dict[tuple[int, str], list[np.ndarray]]) -> dict:
             c = np.where(zero, np.nan, d / np.sqrt(a * b))
         cos[key] = float(np.nanmean(c)) if np.isfinite(c).any() else float("nan")
     return cos
-
-
-def gradient_alignment_reference(
-    model: torch.nn.Module,
-    ids1: torch.Tensor,
-    mask1: torch.Tensor,
-    ids2: torch.Tensor,
-    mask2: torch.Tensor,
-) -> xr.DataArray:
-    """Reference loop: two backward passes per pair, cosine per flattened parameter tensor."""
-    _check_model(model)
-    _check_inputs(ids1, mask1, ids2, mask2)
-    n_layers = len(model.transformer.h)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    keys = [_param_key(n, n_layers) for n, _ in params]
-    sums: dict[tuple[int, str], list[list[float]]] = {}
-
-    def add(key, g1, g2):
-        d = float((g1.double() * g2.double()).sum())
-        a = float(g1.double().square().sum())
-        b = float(g2.double().square().sum())
-        sums.setdefault(key, [[], [], []])
-        for lst, v in zip(sums[key], (d, a, b), strict=True):
-            lst.append(v)
-
-    with _eval_mode(model):
-        for i in range(ids1.shape[0]):
-            grads = []
-            for ids, mask in ((ids1, mask1), (ids2, mask2)):
-                model.zero_grad(set_to_none=True)
-                _seq_losses(model, ids[i : i + 1], mask[i : i + 1]).sum().backward()
-                grads.append(
-                    [
-                        p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                        for _, p in params
-                    ]
-                )
-            model.zero_grad(set_to_none=True)
-            block: dict[int, list[float]] = {}
-            for key, g1, g2 in zip(keys, *grads, strict=True):
-                add(key, g1, g2)
-                for k2, s1 in _qkv_split(key, g1).items():
-                    add(k2, s1, _qkv_split(key, g2)[k2])
-                acc = block.setdefault(key[0], [0.0, 0.0, 0.0])
-                acc[0] += sums[key][0][-1]
-                acc[1] += sums[key][1][-1]
-                acc[2] += sums[key][2][-1]
-            for lay, (d, a, b) in block.items():
-                sums.setdefault((lay, "block"), [[], [], []])
-                for lst, v in zip(sums[(lay, "block")], (d, a, b), strict=True):
-                    lst.append(v)
-    stats = {k: [np.asarray(x) for x in v] for k, v in sums.items()}
-    return _to_dataarray(_finish(stats), n_layers, ids1.shape[0], "reference loop")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ Definitions (X = L1 token states, Y = L2 token states on the paired tokens, one 
   pooled ratio is exactly decomposable into d-sized sums, so it is exact, not an approximation.
 * ``cka``: debiased linear CKA (unbiased HSIC, Song et al. 2012) computed exactly from
   feature-space sums (X'X, Y'Y, X'Y, column sums, sum x|x|^2, sum x|y|^2, ... see ``_hsic_u``);
-  equals ``cka_debiased_gram`` to rounding. ``cka_biased``: Kornblith 2019 biased linear CKA.
+  equals the n x n Gram-matrix oracle ``cka_debiased_gram`` (test-only, in tests/oracles.py)
+  to rounding. ``cka_biased``: Kornblith 2019 biased linear CKA.
 * ``retrieval_acc``: sequences are mean-pooled over their real tokens; an L1 sequence is a hit if
   no L2 sequence has a strictly higher cosine than its own translation (ties count as hits, which
   only matters for exactly duplicated texts); and the reverse. Chance = 1 / n_pairs.
@@ -197,39 +198,6 @@ def retrieval_accuracy(p1: np.ndarray, p2: np.ndarray) -> tuple[np.ndarray, np.n
     b12, b21 = _retrieval_beats(p1, p2)
     a12, a21 = (~b12.any(-1)).mean(-1), (~b21.any(-1)).mean(-1)
     return (a12[0], a21[0]) if squeeze else (a12, a21)
-
-
-# ------------------------------------------------------------------------- reference CKA (n x n)
-
-
-def _hsic_u_gram(k: np.ndarray, l: np.ndarray) -> float:
-    n = k.shape[0]
-    k, l = k.copy(), l.copy()
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l, 0.0)
-    one = np.ones(n)
-    t = np.trace(k @ l)
-    t += (one @ k @ one) * (one @ l @ one) / ((n - 1) * (n - 2))
-    t -= 2.0 * (one @ k @ l @ one) / (n - 2)
-    return float(t / (n * (n - 3)))
-
-
-def cka_debiased_gram(x: np.ndarray, y: np.ndarray) -> float:
-    """Debiased linear CKA from n x n Gram matrices (reference; O(n^2) memory). Needs n >= 4."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    if x.shape[0] != y.shape[0] or x.shape[0] < 4:
-        raise MetricError("debiased CKA needs the same n >= 4 rows in X and Y")
-    k, l = x @ x.T, y @ y.T
-    return _hsic_u_gram(k, l) / np.sqrt(_hsic_u_gram(k, k) * _hsic_u_gram(l, l))
-
-
-def cka_biased_gram(x: np.ndarray, y: np.ndarray) -> float:
-    """Biased linear CKA tr(KHLH) / sqrt(tr(KHKH) tr(LHLH)) (reference, Kornblith 2019)."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    n = x.shape[0]
-    h = np.eye(n) - 1.0 / n
-    k, l = h @ x @ x.T @ h, h @ y @ y.T @ h
-    return float((k * l).sum() / np.sqrt((k * k).sum() * (l * l).sum()))
 
 
 # --------------------------------------------------------------------- metrics from summed cells
