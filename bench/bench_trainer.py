@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from probekit.checkpoints import read_train_log  # noqa: E402
-from probekit.config import load_config  # noqa: E402
+from probekit.config import RunConfig, load_config  # noqa: E402
 from probekit.training import build_model, train  # noqa: E402
 from probekit.training.trainer import _ce_sum, lr_factor  # noqa: E402
 
@@ -57,7 +57,7 @@ class SyntheticData:
         return SyntheticStream(self.model_vocab_size, seq_len).sequences(10**9, n)[0]
 
 
-def real_data(cfg: dict, run_dir: Path):
+def real_data(cfg: RunConfig, run_dir: Path):
     try:
         from probekit.data import prepare_run_data
 
@@ -66,17 +66,17 @@ def real_data(cfg: dict, run_dir: Path):
         return SyntheticData(), f"synthetic ids ({type(exc).__name__}: {str(exc)[:80]})"
 
 
-def bare_loop(cfg: dict, data, steps: int) -> float:
+def bare_loop(cfg: RunConfig, data, steps: int) -> float:
     """The minimal loop train() does per step; returns seconds."""
-    t = cfg["train"]
-    B, T = t["batch_size"], cfg["model"]["context"]
-    torch.manual_seed(cfg["seed"])
-    model = build_model(cfg["model"], data.model_vocab_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=t["lr"], betas=tuple(t["betas"]), eps=t["eps"])
+    t = cfg.train
+    B, T = t.batch_size, cfg.model.context
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, data.model_vocab_size)
+    opt = torch.optim.AdamW(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, t["steps"], t["warmup_steps"], t["min_lr_frac"])
+        opt, lambda s: lr_factor(s, t.steps, t.warmup_steps, t.min_lr_frac)
     )
-    stream = data.stream(t["steps"] * B, T)
+    stream = data.stream(t.steps * B, T)
     model.train()
     t0 = time.perf_counter()
     for step in range(steps):
@@ -105,7 +105,7 @@ def main() -> int:
         "train": {"steps": args.steps, "batch_size": args.batch_size, "device": "cpu"},
     }
     cfg = load_config(raw)
-    B, T = args.batch_size, cfg["model"]["context"]
+    B, T = args.batch_size, cfg.model.context
     tokens = args.steps * B * T
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "run"
@@ -136,7 +136,7 @@ def main() -> int:
     )
     print(
         f"  probekit train()  : {tokens / full:10,.0f} tok/s  ({full:.2f} s, "
-        f"{n_ckpt} checkpoints, eval every {cfg['eval']['interval']} steps)"
+        f"{n_ckpt} checkpoints, eval every {cfg.eval.interval} steps)"
     )
     print(f"  train() steps only: {tokens / loop:10,.0f} tok/s  ({loop:.2f} s)")
     print(f"  overhead, steps only : {100 * (loop / bare - 1):+.1f} % (target <= 15 %)")

@@ -29,7 +29,15 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from probekit.config import DATA_DEFAULTS, apply_overrides, dump_config, load_config, read_toml
+from probekit.config import (
+    DataConfig,
+    RunConfig,
+    apply_overrides,
+    dump_config,
+    load_config,
+    read_toml,
+    toml_value,
+)
 from probekit.errors import ConfigError, ProbekitError
 
 
@@ -40,7 +48,7 @@ class PlannedRun:
     kind: str  # run | reference | control
 
     @property
-    def resolved(self) -> dict:
+    def resolved(self) -> RunConfig:
         return load_config(self.raw)
 
 
@@ -62,13 +70,7 @@ def _fmt(value) -> str:
 
 
 def _set(raw: dict, key: str, value) -> dict:
-    return apply_overrides(raw, [f"{key}={_toml_literal(value)}"])
-
-
-def _toml_literal(value) -> str:
-    from probekit.config import _toml_value
-
-    return _toml_value(value)
+    return apply_overrides(raw, [f"{key}={toml_value(value)}"])
 
 
 def expand_grid(grid_path: Path) -> list[PlannedRun]:
@@ -126,7 +128,7 @@ def expand_grid(grid_path: Path) -> list[PlannedRun]:
 def _scale_budget(raw: dict, mult: float) -> dict:
     if mult == 1.0:
         return raw
-    tokens = load_config(raw)["train"]["tokens"]
+    tokens = load_config(raw).train.tokens
     raw = copy.deepcopy(raw)
     raw.setdefault("train", {}).pop("steps", None)
     raw["train"]["tokens"] = int(tokens * mult)
@@ -140,7 +142,7 @@ def _mono(raw: dict, lang: str) -> dict:
         d.pop(key, None)
     d["mode"], d["base"] = "mono", lang
     # only this language's sources: references of clone and pair runs are then one config
-    d["sources"] = {lang: d.get("sources", {}).get(lang, DATA_DEFAULTS["sources"].get(lang, []))}
+    d["sources"] = {lang: d.get("sources", {}).get(lang, DataConfig().sources.get(lang, []))}
     if lang in d.get("test_sources", {}):
         d["test_sources"] = {lang: d["test_sources"][lang]}
     mono.get("tokenizer", {}).pop("vocab_mode", None)
@@ -154,14 +156,12 @@ def _references(runs: list[PlannedRun], refs: dict) -> list[PlannedRun]:
     out: dict[str, PlannedRun] = {}
     for run in runs:
         cfg = run.resolved
-        d = cfg["data"]
-        if d["mode"] == "mono":
+        if cfg.data.mode == "mono":
             continue
-        budget = cfg["train"]["tokens"]
-        langs = d["languages"] if d["mode"] == "pair" else [d["base"]]
-        preset = cfg["model"]["preset"]
-        for lang in langs:
-            for seed in ref_seeds if ref_seeds is not None else [cfg["seed"]]:
+        budget = cfg.train.tokens
+        preset = cfg.model.preset
+        for lang in cfg.data.corpus_languages:
+            for seed in ref_seeds if ref_seeds is not None else [cfg.seed]:
                 for frac in fractions:
                     mono = _mono(run.raw, lang)
                     mono["seed"] = seed
@@ -176,30 +176,30 @@ def _references(runs: list[PlannedRun], refs: dict) -> list[PlannedRun]:
     return list(out.values())
 
 
-def _control(run: PlannedRun, cfg: dict) -> PlannedRun | None:
+def _control(run: PlannedRun, cfg: RunConfig) -> PlannedRun | None:
     """Mono run on the minority language's tokens with the multilingual run's step count."""
-    from probekit.data.mixture import parse_schedule
+    from probekit.data.mixture import Schedule
 
-    d, t = cfg["data"], cfg["train"]
-    share = parse_schedule(d["schedule"] if d["schedule"] else d["p"]).mean_share
-    names = d["languages"] if d["mode"] == "pair" else [d["base"]] * 2
-    if d["weights"]:
-        lang_share = min(d["weights"])
+    d, t = cfg.data, cfg.train
+    share = Schedule(*d.schedule_spec).mean_share
+    names = d.languages if d.mode == "pair" else [d.base] * 2
+    if d.weights:
+        lang_share = min(d.weights)
     else:  # the first language keeps 1 - share; the others split share equally
-        per_other = share / (d["clones"] if d["mode"] == "clone" else 1)
+        per_other = share / (d.clones if d.mode == "clone" else 1)
         lang_share = min(per_other, 1 - share)
-    lang = names[0] if lang_share == 1 - share and not d["weights"] else names[1]
+    lang = names[0] if lang_share == 1 - share and not d.weights else names[1]
     share = lang_share
-    batch = max(1, round(t["batch_size"] * share))
-    if abs(batch - t["batch_size"] * share) > 1e-9:
+    batch = max(1, round(t.batch_size * share))
+    if abs(batch - t.batch_size * share) > 1e-9:
         warnings.warn(
-            f"{run.name}: control batch {batch} is not exactly {share:.3g} of {t['batch_size']}; "
-            f"its token count is off by {batch / (t['batch_size'] * share) - 1:+.0%}",
+            f"{run.name}: control batch {batch} is not exactly {share:.3g} of {t.batch_size}; "
+            f"its token count is off by {batch / (t.batch_size * share) - 1:+.0%}",
             stacklevel=2,
         )
     mono = _mono(run.raw, lang)
     mono["train"].pop("tokens", None)
-    mono["train"]["steps"] = t["steps"]
+    mono["train"]["steps"] = t.steps
     mono["train"]["batch_size"] = batch
     mono["train"]["grad_accum"] = 1
     name = f"ctrl_{run.name}"

@@ -82,7 +82,7 @@ def test_tokenizer_reproducible():
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
 def test_empirical_share_matches_p(clone_data, p):
-    clone_data.cfg["data"]["p"] = p
+    clone_data.cfg.data.p = p
     stream = clone_data.stream(20_000, 32)
     langs = stream.languages_of(0, 20_000)
     assert abs((langs > 0).mean() - p) < 0.01
@@ -91,7 +91,7 @@ def test_empirical_share_matches_p(clone_data, p):
 
 
 def test_schedule_stages_and_mean_share(clone_data):
-    clone_data.cfg["data"]["schedule"] = "0.1_0.9_0.5_0.5"
+    clone_data.cfg.data.schedule = "0.1_0.9_0.5_0.5"
     stream = clone_data.stream(20_000, 32)
     langs = stream.languages_of(0, 20_000) > 0
     for k, target in enumerate([0.1, 0.9, 0.5, 0.5]):
@@ -104,7 +104,7 @@ def test_schedule_stages_and_mean_share(clone_data):
     )
     counts = stream.language_counts(20_000)
     assert counts.sum() == 20_000 and counts[0] == (~langs).sum()
-    clone_data.cfg["data"]["schedule"] = ""
+    clone_data.cfg.data.schedule = ""
 
 
 def test_sequences_are_restart_safe(clone_data):
@@ -209,9 +209,13 @@ def test_overrides_and_dump_round_trip(tmp_path):
     from probekit.config import dump_config
 
     cfg = load_config(tiny_cfg(), ["data.p=0.25", "train.lr=1e-3", "data.schedule=0.1_0.9"])
-    assert cfg["data"]["p"] == 0.25 and cfg["train"]["lr"] == 1e-3
-    assert cfg["data"]["schedule"] == "0.1_0.9"
+    assert cfg.data.p == 0.25 and cfg.train.lr == 1e-3
+    assert cfg.data.schedule == "0.1_0.9"
     path = tmp_path / "c.toml"
     path.write_text(dump_config(cfg))
     assert load_config(path) == cfg
-    assert json.dumps(cfg)  # plain data
+    assert json.dumps(cfg.to_dict())  # plain data
+    assert list(cfg.to_dict()) == ["seed", "name", "data", "tokenizer", "model", "train"] + [
+        "checkpoints",
+        "eval",
+    ]

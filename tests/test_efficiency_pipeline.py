@@ -70,12 +70,12 @@ def test_grid_expansion_and_update_matched_controls(grid: Path):
     assert {"g_p0.5", "g_p0.1", "ctrl_g_p0.1", "ctrl_g_p0.5"} <= set(planned)
     refs = [r for r in planned.values() if r.kind == "reference"]
     assert len(refs) == 3
-    run = planned["g_p0.1"].resolved["train"]
+    run = planned["g_p0.1"].resolved.train
     ctrl = planned["ctrl_g_p0.1"].resolved
     # same optimiser steps, and the minority language's token count (10 % of the budget)
-    assert ctrl["train"]["steps"] == run["steps"]
-    assert ctrl["train"]["tokens"] == pytest.approx(0.1 * run["tokens"])
-    assert ctrl["data"]["mode"] == "mono"
+    assert ctrl.train.steps == run.steps
+    assert ctrl.train.tokens == pytest.approx(0.1 * run.tokens)
+    assert ctrl.data.mode == "mono"
 
 
 def test_sweep_table_and_rerun_skips(swept: Path, grid: Path):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from probekit.checkpoints import list_checkpoints, read_train_log
-from probekit.config import load_config
+from probekit.config import dump_config, load_config
 from probekit.data.vocab import PAD_ID
 from probekit.errors import ConfigError, RunDirError
 from probekit.training import PRESETS, train, trainer
@@ -187,6 +187,29 @@ def test_config_errors(corpus):
         load_config(make_cfg(corpus, tokens=10**6))
     with pytest.raises(ConfigError, match=r"train\.grad_accum"):
         load_config(make_cfg(corpus, grad_accum=3))
+
+
+@pytest.mark.parametrize("field", ["tokens", "steps"])
+def test_zero_budget_is_an_error_and_unset_means_1000_steps(corpus, field, tmp_path):
+    cfg = make_cfg(corpus)
+    cfg["train"] = {field: 0}  # today's "0 = unset" trained 1,000 steps without a word
+    with pytest.raises(ConfigError, match=rf"^train\.{field}: expected an integer >= 1, got 0$"):
+        load_config(cfg)
+    cfg["train"] = {}
+    resolved = load_config(cfg)
+    assert resolved.train.steps == 1000 and resolved.train.tokens == 1000 * 20 * 64
+    (tmp_path / "c.toml").write_text(dump_config(resolved))
+    assert "\ntokens = 1280000\nsteps = 1000\n" in (tmp_path / "c.toml").read_text()
+    assert load_config(tmp_path / "c.toml") == resolved  # both written: read back unchanged
+
+
+def test_config_imports_neither_training_nor_data():
+    code = (
+        "import sys, probekit.config\n"
+        "bad = [m for m in sys.modules if m.startswith(('probekit.training', 'probekit.data'))]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -6,6 +6,7 @@ calls `load_run_data(run_dir)`, which reads only what training wrote.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from probekit.config import language_names
+from probekit.config import DataConfig, RunConfig, language_names
 from probekit.data import corpus
-from probekit.data.mixture import MixtureStream, parse_schedule
+from probekit.data.mixture import MixtureStream, Schedule
 from probekit.data.vocab import (
     Vocabulary,
     clone_vocabulary,
@@ -29,32 +30,31 @@ from probekit.errors import ConfigError, RunDirError
 __all__ = ["RunData", "prepare_run_data", "load_run_data", "build_vocabulary", "ParallelSet"]
 
 
-def _corpus_langs(cfg: dict) -> list[str]:
-    d = cfg["data"]
-    return list(d["languages"]) if d["mode"] == "pair" else [d["base"]]
+def _language_docs(d: DataConfig, lang: str, split: str) -> list[str]:
+    return corpus.language_docs(dataclasses.asdict(d), lang, split)  # takes [data] as a dict
 
 
-def build_vocabulary(cfg: dict) -> Vocabulary:
+def build_vocabulary(cfg: RunConfig) -> Vocabulary:
     """Train the run's tokenizer(s) on the training split and build the vocabulary map."""
-    d, t = cfg["data"], cfg["tokenizer"]
-    seed = t["seed"]
+    d, t = cfg.data, cfg.tokenizer
+    seed = t.seed
     names = language_names(d)
-    langs = _corpus_langs(cfg)
-    texts = {lang: corpus.language_docs(d, lang, "train") for lang in langs}
+    langs = d.corpus_languages
+    texts = {lang: _language_docs(d, lang, "train") for lang in langs}
     for lang, docs in texts.items():
         if not docs:
             raise ConfigError(f"data.sources.{lang}: no training text")
 
     def bpe(docs: list[str]):
-        return train_bpe(docs, t["vocab_size"], t["min_frequency"], seed)
+        return train_bpe(docs, t.vocab_size, t.min_frequency, seed)
 
-    if d["mode"] == "clone":
-        return clone_vocabulary(bpe(texts[langs[0]]), names, d["frac_clone"], seed)
-    if d["mode"] == "mono":
+    if d.mode == "clone":
+        return clone_vocabulary(bpe(texts[langs[0]]), names, d.frac_clone, seed)
+    if d.mode == "mono":
         return clone_vocabulary(bpe(texts[langs[0]]), names, 1.0, seed)
-    if t["vocab_mode"] == "joint":
+    if t.vocab_mode == "joint":
         return joint_vocabulary(bpe(texts[langs[0]] + texts[langs[1]]), names)
-    return pair_vocabulary(bpe(texts[langs[0]]), bpe(texts[langs[1]]), names, t["vocab_mode"])
+    return pair_vocabulary(bpe(texts[langs[0]]), bpe(texts[langs[1]]), names, t.vocab_mode)
 
 
 @dataclass
@@ -73,7 +73,7 @@ class ParallelSet:
 
 @dataclass
 class RunData:
-    cfg: dict
+    cfg: RunConfig
     vocab: Vocabulary
     _cache: dict = field(default_factory=dict)
 
@@ -94,23 +94,21 @@ class RunData:
         return self.vocab.fingerprint
 
     def corpus_language(self, lang: str) -> str:
-        d = self.cfg["data"]
-        if d["mode"] == "pair":
-            return d["languages"][self.languages.index(lang)]
-        return d["base"]
+        d = self.cfg.data
+        if d.mode == "pair":
+            return d.languages[self.languages.index(lang)]
+        return d.base
 
     def _stream_of(self, corpus_lang: str, split: str) -> np.ndarray:
         """Base ids of one corpus language's split; cached on disk by tokenizer and sources."""
         key = (corpus_lang, split)
         if key not in self._cache:
-            d = self.cfg["data"]
-            pair = d["mode"] == "pair"
+            d = self.cfg.data
+            pair = d.mode == "pair"
             lang = (
-                self.languages[_corpus_langs(self.cfg).index(corpus_lang)]
-                if pair
-                else self.languages[0]
+                self.languages[d.corpus_languages.index(corpus_lang)] if pair else self.languages[0]
             )
-            specs = [d["sources"][corpus_lang], d["test_sources"].get(corpus_lang)]
+            specs = [d.sources[corpus_lang], d.test_sources.get(corpus_lang)]
             stamp = [(s, _mtime(s)) for s in specs[0]] + [str(specs[1])]
             digest = hashlib.sha256(
                 json.dumps(
@@ -128,7 +126,7 @@ class RunData:
                 with np.load(path) as z:
                     self._cache[key] = (z["ids"], int(z["chars"]))
             else:
-                docs = corpus.language_docs(d, corpus_lang, split)
+                docs = _language_docs(d, corpus_lang, split)
                 ids, chars = self.vocab.encode_stream(docs, lang), sum(len(x) + 1 for x in docs)
                 _atomic_savez(path, ids=ids, chars=np.int64(chars))
                 self._cache[key] = (ids, chars)
@@ -140,24 +138,20 @@ class RunData:
         return np.bincount(base, minlength=len(self.vocab.to_model[lang]))
 
     def stream(self, total_sequences: int, seq_len: int) -> MixtureStream:
-        d = self.cfg["data"]
+        d = self.cfg.data
         names = self.languages
         to_model = [self.vocab.to_model[n] for n in names]
-        if d["mode"] == "pair":
-            chunks = [self._stream_of(lang, "train") for lang in d["languages"]]
-        else:
-            chunks = [self._stream_of(d["base"], "train")]
-        schedule = parse_schedule(d["schedule"] if d["schedule"] else d["p"])
+        chunks = [self._stream_of(lang, "train") for lang in d.corpus_languages]
         return MixtureStream(
             names,
             chunks,
             to_model,
-            shared_source=d["mode"] != "pair",
+            shared_source=d.mode != "pair",
             total_sequences=total_sequences,
             seq_len=seq_len,
-            seed=self.cfg["seed"],
-            schedule=schedule,
-            weights=d["weights"] or None,
+            seed=self.cfg.seed,
+            schedule=Schedule(*d.schedule_spec),
+            weights=d.weights or None,
         )
 
     def test_tokens(self, lang: str) -> tuple[np.ndarray, int]:
@@ -184,28 +178,28 @@ class RunData:
     def parallel(self, l1: str, l2: str, n_pairs: int, seq_len: int) -> ParallelSet:
         """Held-out parallel pairs: token-aligned clones, or packed verse pairs for real pairs."""
         self.vocab._check(l1), self.vocab._check(l2)
-        d = self.cfg["data"]
-        if d["mode"] == "mono":
+        d = self.cfg.data
+        if d.mode == "mono":
             raise ConfigError("a monolingual run has no second language to compare")
-        if d["mode"] == "clone":
+        if d.mode == "clone":
             return self._clone_parallel(l1, l2, n_pairs, seq_len)
         return self._pair_parallel(l1, l2, n_pairs, seq_len)
 
     def _parallel_bible(self, corpus_lang: str) -> str | None:
-        for spec in self.cfg["data"]["sources"][corpus_lang]:
+        for spec in self.cfg.data.sources[corpus_lang]:
             if spec.startswith("bible:"):
                 return spec[6:]
         return None
 
     def _clone_parallel(self, l1: str, l2: str, n_pairs: int, seq_len: int) -> ParallelSet:
-        base = self.cfg["data"]["base"]
+        base = self.cfg.data.base
         bible = self._parallel_bible(base)
-        if self.cfg["data"]["parallel"]:
-            texts = [(0, line) for line in _read_lines(self.cfg["data"]["parallel"][0])]
+        if self.cfg.data.parallel:
+            texts = [(0, line) for line in _read_lines(self.cfg.data.parallel[0])]
         elif bible is not None:
             texts = [(b, t) for b, t, _ in corpus.parallel_verses(bible, bible)]
         else:  # clones of user text: the test split is held out as well
-            texts = [(0, doc) for doc in corpus.language_docs(self.cfg["data"], base, "test")]
+            texts = [(0, doc) for doc in _language_docs(self.cfg.data, base, "test")]
         books = sorted({b for b, _ in texts})
         ids1, ids2, labels = [], [], []
         # chunk each book's token stream into seq_len pieces; the label is the book
@@ -227,10 +221,10 @@ class RunData:
         )
 
     def _pair_parallel(self, l1: str, l2: str, n_pairs: int, seq_len: int) -> ParallelSet:
-        d = self.cfg["data"]
+        d = self.cfg.data
         c1, c2 = self.corpus_language(l1), self.corpus_language(l2)
-        if d["parallel"]:
-            a, b = (_read_lines(p) for p in d["parallel"])
+        if d.parallel:
+            a, b = (_read_lines(p) for p in d.parallel)
             if len(a) != len(b):
                 raise ConfigError(f"data.parallel: files have {len(a)} and {len(b)} lines")
             verses = [(0, x, y) for x, y in zip(a, b, strict=True)]
@@ -322,12 +316,12 @@ def _read_lines(path: str, field: str = "data.parallel") -> list[str]:
     return [line.strip() for line in p.read_text(encoding="utf-8").splitlines()]
 
 
-def prepare_run_data(cfg: dict, run_dir: Path) -> RunData:
+def prepare_run_data(cfg: RunConfig, run_dir: Path) -> RunData:
     """Build (or reuse) the run's tokenizer in RUN_DIR/tokenizer/ and return its data."""
     tok_dir = Path(run_dir) / "tokenizer"
     if (tok_dir / "vocab_map.json").is_file():
         vocab = Vocabulary.load(tok_dir)
-        if vocab.languages != language_names(cfg["data"]):
+        if vocab.languages != language_names(cfg.data):
             raise RunDirError(
                 f"{tok_dir}: tokenizer languages {vocab.languages} do not match the config"
             )

@@ -8,12 +8,11 @@ on any machine, on any number of ranks, and after a restart from any step.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
 
-from probekit.errors import ConfigError
+from probekit.config import parse_schedule_spec
 
 BLOCK = 1 << 16  # sequences per generator block
 
@@ -46,45 +45,10 @@ class Schedule:
         return float(np.dot(widths, self.values))
 
 
-def _share(x: object, field: str) -> float:
-    try:
-        value = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise ConfigError(f"{field}: {x!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{field}: share {value} is outside [0, 1]")
-    return value
-
-
 def parse_schedule(spec: str | dict | float) -> Schedule:
-    """'0.1_0.9' (equal stages), 'linear:0.1:0.9' (ramp) or {fractions=[..], p=[..]}."""
-    field = "data.schedule"
-    if isinstance(spec, int | float) and not isinstance(spec, bool):
-        return Schedule("constant", (1.0,), (_share(spec, field),))
-    if isinstance(spec, dict):
-        fr, vals = spec.get("fractions"), spec.get("p")
-        if not isinstance(fr, list) or not isinstance(vals, list) or len(fr) != len(vals) or not fr:
-            raise ConfigError(f"{field}: expected {{fractions=[...], p=[...]}} of equal length")
-        fr = [_share(f, field) for f in fr]
-        if any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-            raise ConfigError(f"{field}: stage fractions must be positive and sum to 1")
-        return Schedule(
-            "stages", tuple(np.cumsum(fr).tolist()), tuple(_share(v, field) for v in vals)
-        )
-    if not isinstance(spec, str) or not spec:
-        raise ConfigError(f"{field}: cannot parse {spec!r}")
-    m = re.fullmatch(r"linear:([^:]+):([^:]+)", spec)
-    if m:
-        return Schedule("linear", (1.0,), (_share(m.group(1), field), _share(m.group(2), field)))
-    parts = spec.split("_")
-    if not all(re.fullmatch(r"\d*\.?\d+", p) for p in parts):
-        raise ConfigError(
-            f"{field}: cannot parse {spec!r} (expected e.g. '0.1_0.9' or 'linear:0.1:0.9')"
-        )
-    k = len(parts)
-    return Schedule(
-        "stages", tuple((i + 1) / k for i in range(k)), tuple(_share(p, field) for p in parts)
-    )
+    """'0.1_0.9' (equal stages), 'linear:0.1:0.9' (ramp), {fractions=[..], p=[..]} or a share;
+    the syntax is checked in probekit.config, which validates data.schedule on loading."""
+    return Schedule(*parse_schedule_spec(spec))
 
 
 def language_weights(share: np.ndarray, n_langs: int) -> np.ndarray:

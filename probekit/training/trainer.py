@@ -1,5 +1,6 @@
 """The trainer: config in, checkpoint series out. Read it top to bottom at one sitting.
 
+`train()` at the bottom is the whole loop; every step it takes is a named function above it.
 Optimiser step s (0-based) trains on the global sequences [s*B, (s+1)*B) of the run's
 seeded mixture stream, so which data a step sees never depends on restarts, grad_accum
 or the number of DDP ranks. Checkpoint `step_N` holds the weights after N updates.
@@ -13,7 +14,9 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,143 +25,30 @@ import torch
 import torch.nn.functional as F
 
 from probekit import checkpoints as ck
+from probekit.config import (
+    DEVICES,
+    RESULT_SECTIONS,
+    RunConfig,
+    config_fingerprint,
+    diff_fields,
+    dump_config,
+    load_config,
+)
 from probekit.errors import ConfigError, RunDirError
-
-TRAIN_DEFAULTS: dict[str, Any] = {
-    "batch_size": 20,  # sequences per optimiser step, global (all ranks, all micro-batches)
-    "grad_accum": 1,
-    "tokens": 0,  # token budget; 0: use `steps`
-    "steps": 0,  # optimiser steps; 0 and tokens 0: 1000
-    "lr": 2e-3,
-    "warmup_steps": None,  # None: 5 % of steps, at least 1
-    "min_lr_frac": 0.01,
-    "betas": [0.9, 0.95],
-    "eps": 1e-8,
-    "weight_decay": 0.0,
-    "grad_clip": 0.0,  # 0: off (the paper clips nothing)
-    "precision": "auto",  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
-    "compile": False,
-    "device": "auto",  # auto | cpu | cuda
-}
-CHECKPOINT_DEFAULTS: dict[str, Any] = {
-    "log_spaced": 6,  # log-spaced checkpoints before the first regular one
-    "every": None,  # None: steps // 8
-    "steps": [],  # explicit steps; replace log_spaced/every
-    "keep_state": 2,  # newest checkpoints that keep optimiser/RNG state (for resume)
-}
-EVAL_DEFAULTS: dict[str, Any] = {
-    "interval": None,  # None: steps // 10
-    "n_sequences": 16,  # held-out sequences per language
-    "log_interval": None,  # None: steps // 100
-}
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
+from probekit.training.model import build_model
 
 
-# --- config ----------------------------------------------------------------------------
-def _section(defaults: dict, given: Any, name: str) -> dict:
-    if not isinstance(given, dict):
-        raise ConfigError(f"{name}: expected a table")
-    for key in given:
-        if key not in defaults:
-            raise ConfigError(f"{name}.{key}: unknown field (known: {', '.join(defaults)})")
-    out = dict(defaults)
-    # dump_config writes None as "", so "" reads back as "not set"
-    out.update({k: (None if v == "" else v) for k, v in given.items()})
-    return out
-
-
-def _int(value: Any, field: str, lo: int = 0) -> int:
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)  # tokens = 1.2e9 reads as a float
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{field}: expected an integer >= {lo}, got {value!r}")
-    return value
-
-
-def _num(value: Any, field: str, lo: float = 0.0, hi: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo <= value <= hi:
-        raise ConfigError(f"{field}: expected a number in [{lo}, {hi}], got {value!r}")
-    return float(value)
-
-
-def validate_train_sections(cfg: dict) -> dict:
-    """Fill and check [train], [checkpoints], [eval]; derived values are written out so
-    config.toml is the complete recipe. Needs cfg['model'] already resolved."""
-    t = _section(TRAIN_DEFAULTS, cfg.get("train", {}), "train")
-    c = _section(CHECKPOINT_DEFAULTS, cfg.get("checkpoints", {}), "checkpoints")
-    e = _section(EVAL_DEFAULTS, cfg.get("eval", {}), "eval")
-    context = cfg["model"]["context"]
-    t["batch_size"] = _int(t["batch_size"], "train.batch_size", 1)
-    t["grad_accum"] = _int(t["grad_accum"], "train.grad_accum", 1)
-    if t["batch_size"] % t["grad_accum"]:
-        raise ConfigError(
-            f"train.grad_accum: {t['grad_accum']} does not divide "
-            f"train.batch_size = {t['batch_size']}"
-        )
-    per_step = t["batch_size"] * context
-    tokens, steps = _int(t["tokens"], "train.tokens"), _int(t["steps"], "train.steps")
-    if tokens and steps and steps != math.ceil(tokens / per_step):
-        raise ConfigError(
-            f"train.steps: {steps} conflicts with train.tokens = {tokens} "
-            f"({math.ceil(tokens / per_step)} steps of {per_step} tokens); set one of them"
-        )
-    steps = steps or (math.ceil(tokens / per_step) if tokens else 1000)
-    t["steps"], t["tokens"] = steps, steps * per_step
-    t["lr"] = _num(t["lr"], "train.lr", 0.0, 10.0)
-    if t["warmup_steps"] is None:
-        t["warmup_steps"] = max(1, round(0.05 * steps))
-    t["warmup_steps"] = _int(t["warmup_steps"], "train.warmup_steps", 0)
-    t["min_lr_frac"] = _num(t["min_lr_frac"], "train.min_lr_frac", 0.0, 1.0)
-    betas = t["betas"]
-    if not isinstance(betas, list | tuple) or len(betas) != 2:
-        raise ConfigError(f"train.betas: expected two numbers, got {betas!r}")
-    t["betas"] = [_num(b, "train.betas", 0.0, 0.999999) for b in betas]
-    t["eps"] = _num(t["eps"], "train.eps", 0.0, 1.0)
-    t["weight_decay"] = _num(t["weight_decay"], "train.weight_decay", 0.0, 10.0)
-    t["grad_clip"] = _num(t["grad_clip"], "train.grad_clip", 0.0)
-    if t["precision"] not in PRECISIONS:
-        raise ConfigError(
-            f"train.precision: unknown precision {t['precision']!r} "
-            f"(known: {', '.join(PRECISIONS)})"
-        )
-    if not isinstance(t["compile"], bool):
-        raise ConfigError(f"train.compile: expected true or false, got {t['compile']!r}")
-    if t["device"] not in DEVICES:
-        raise ConfigError(
-            f"train.device: unknown device {t['device']!r} (known: {', '.join(DEVICES)})"
-        )
-    c["log_spaced"] = _int(c["log_spaced"], "checkpoints.log_spaced")
-    c["every"] = _int(
-        max(1, steps // 8) if c["every"] is None else c["every"], "checkpoints.every", 1
-    )
-    if not isinstance(c["steps"], list):
-        raise ConfigError(f"checkpoints.steps: expected a list of steps, got {c['steps']!r}")
-    c["steps"] = sorted({_int(s, "checkpoints.steps") for s in c["steps"]})
-    c["keep_state"] = _int(c["keep_state"], "checkpoints.keep_state", 1)
-    e["interval"] = _int(
-        max(1, steps // 10) if e["interval"] is None else e["interval"], "eval.interval", 1
-    )
-    e["n_sequences"] = _int(e["n_sequences"], "eval.n_sequences")
-    e["log_interval"] = _int(
-        max(1, steps // 100) if e["log_interval"] is None else e["log_interval"],
-        "eval.log_interval",
-        1,
-    )
-    return {**cfg, "train": t, "checkpoints": c, "eval": e}
-
-
-def checkpoint_plan(cfg: dict) -> list[int]:
+# --- plans -------------------------------------------------------------------------------
+def checkpoint_plan(cfg: RunConfig) -> list[int]:
     """Steps that get a checkpoint: 0, log-spaced early ones, every `every`, and the last."""
-    steps, c = cfg["train"]["steps"], cfg["checkpoints"]
+    steps, c = cfg.train.steps, cfg.checkpoints
     plan = {0, steps}
-    if c["steps"]:
-        plan |= {s for s in c["steps"] if s <= steps}
+    if c.steps:
+        plan |= {s for s in c.steps if s <= steps}
     else:
-        every = c["every"]
-        if c["log_spaced"]:  # geometric between 1 and the first regular checkpoint
-            plan |= {int(round(x)) for x in np.geomspace(1, every, c["log_spaced"] + 1)[:-1]}
-        plan |= set(range(every, steps + 1, every))
+        if c.log_spaced:  # geometric between 1 and the first regular checkpoint
+            plan |= {int(round(x)) for x in np.geomspace(1, c.every, c.log_spaced + 1)[:-1]}
+        plan |= set(range(c.every, steps + 1, c.every))
     return sorted(s for s in plan if 0 <= s <= steps)
 
 
@@ -170,62 +60,27 @@ def lr_factor(step: int, steps: int, warmup: int, min_frac: float) -> float:
     return min_frac + (1 - min_frac) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# --- run directory ---------------------------------------------------------------------
-def _version() -> str:
-    try:
-        from importlib.metadata import version
+# --- the process: ranks, device, precision -------------------------------------------------
+@dataclass
+class Job:
+    """What every step of one training process shares."""
 
-        return version("probekit")
-    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
-        return "0+unknown"
+    cfg: RunConfig
+    run_dir: Path
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    amp: Callable[[], Any]  # autocast context of the run's precision (nullcontext for fp32)
+    scaler: Any  # a GradScaler for fp16, else None
 
+    @property
+    def rank0(self) -> bool:
+        return self.rank == 0
 
-def _prepare_run_dir(cfg: dict, run_dir: Path, force: bool) -> None:
-    """Refuse a RUN_DIR that holds another config; with force, clear the old run."""
-    from probekit.config import RESULT_SECTIONS, config_fingerprint, diff_fields, load_config
-
-    old_file = run_dir / "config.toml"
-    if old_file.is_file():
-        try:
-            old = load_config(old_file)
-        except ConfigError:
-            old = None
-        if old is None or config_fingerprint(old) != config_fingerprint(cfg):
-            if not force:
-                fields = (
-                    diff_fields(
-                        {k: old[k] for k in RESULT_SECTIONS}, {k: cfg[k] for k in RESULT_SECTIONS}
-                    )
-                    if old
-                    else ["config.toml (unreadable)"]
-                )
-                raise RunDirError(
-                    f"{run_dir} holds a different config ({', '.join(fields[:3])} differs); "
-                    "use --force to overwrite"
-                )
-            # force: the old checkpoints, log and tokenizer belong to the old config
-            for name in ("checkpoints", "tokenizer"):
-                shutil.rmtree(run_dir / name, ignore_errors=True)
-            (run_dir / ck.LOG_FILE).unlink(missing_ok=True)
-            print(f"--force: cleared the old run in {run_dir}", file=sys.stderr)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    from probekit.config import dump_config
-
-    text = f"# written by probekit {_version()}\n" + dump_config(cfg)
-    tmp = old_file.with_name("config.toml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, old_file)
-
-
-# --- devices, DDP ------------------------------------------------------------------------
-def _resolve_device(requested: str, local_rank: int) -> torch.device:
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device: CUDA requested but no CUDA device is available")
-    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank)
-    if requested not in DEVICES:
-        raise ConfigError(f"train.device: unknown device {requested!r}")
-    return torch.device("cpu")
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.run_dir / "checkpoints"
 
 
 def _init_distributed() -> tuple[int, int, int]:
@@ -240,11 +95,85 @@ def _init_distributed() -> tuple[int, int, int]:
     return dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def _barrier(world: int) -> None:
-    if world > 1:
+def _resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: CUDA requested but no CUDA device is available")
+    if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", local_rank)
+    if requested not in DEVICES:
+        raise ConfigError(f"train.device: unknown device {requested!r}")
+    return torch.device("cpu")
+
+
+def setup(cfg: RunConfig, run_dir: Path, device: str | None = None) -> Job:
+    """Join the DDP group (under torchrun), pick the device and the precision."""
+    t = cfg.train
+    rank, world, local_rank = _init_distributed()
+    dev = _resolve_device(device or t.device, local_rank)
+    precision = t.precision
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    if precision == "fp16" and dev.type != "cuda":
+        raise ConfigError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
+    if t.batch_size % (world * t.grad_accum):
+        raise ConfigError(
+            f"train.batch_size: {t.batch_size} is not divisible by ranks x grad_accum = "
+            f"{world} x {t.grad_accum}"
+        )
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    amp = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype else nullcontext
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    return Job(cfg, Path(run_dir), rank, world, local_rank, dev, amp, scaler)
+
+
+def _barrier(job: Job) -> None:
+    if job.world > 1:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+# --- run directory -----------------------------------------------------------------------
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("probekit")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        return "0+unknown"
+
+
+def prepare_run_dir(cfg: RunConfig, run_dir: Path, force: bool) -> None:
+    """Write config.toml; refuse a RUN_DIR that holds another config (force: clear it)."""
+    old_file = run_dir / "config.toml"
+    if old_file.is_file():
+        try:
+            old = load_config(old_file)
+        except ConfigError:
+            old = None
+        if old is None or config_fingerprint(old) != config_fingerprint(cfg):
+            if not force:
+                fields = ["config.toml (unreadable)"]
+                if old is not None:
+                    a, b = old.to_dict(), cfg.to_dict()
+                    fields = diff_fields(
+                        {k: a[k] for k in RESULT_SECTIONS}, {k: b[k] for k in RESULT_SECTIONS}
+                    )
+                raise RunDirError(
+                    f"{run_dir} holds a different config ({', '.join(fields[:3])} differs); "
+                    "use --force to overwrite"
+                )
+            # force: the old checkpoints, log and tokenizer belong to the old config
+            for name in ("checkpoints", "tokenizer"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            (run_dir / ck.LOG_FILE).unlink(missing_ok=True)
+            print(f"--force: cleared the old run in {run_dir}", file=sys.stderr)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = old_file.with_name("config.toml.tmp")
+    tmp.write_text(f"# written by probekit {_version()}\n" + dump_config(cfg))
+    os.replace(tmp, old_file)
+    for left in (run_dir / "checkpoints").glob(".tmp-*"):  # left by a killed run
+        shutil.rmtree(left, ignore_errors=True)
 
 
 def _steps_done(ckpt_dir: Path) -> set[int]:
@@ -254,14 +183,39 @@ def _steps_done(ckpt_dir: Path) -> set[int]:
         return set()
 
 
-# --- resume ----------------------------------------------------------------------------
-def _try_resume(model: Any, opt: Any, sched: Any, scaler: Any, ckpt_dir: Path, rank0: bool):
+def load_data(job: Job) -> Any:
+    """The run's RunData; rank 0 builds the tokenizer, the other ranks then load it."""
+    from probekit.data import prepare_run_data
+
+    data = prepare_run_data(job.cfg, job.run_dir) if job.rank0 else None
+    _barrier(job)
+    return data if job.rank0 else prepare_run_data(job.cfg, job.run_dir)
+
+
+# --- model, optimiser, resume --------------------------------------------------------------
+def init_model(job: Job, vocab_size: int) -> tuple[Any, Any, Any]:
+    """Model, AdamW and LR schedule, seeded so two runs with one seed are identical."""
+    cfg, t = job.cfg, job.cfg.train
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    random.seed(cfg.seed)
+    model = build_model(cfg.model, vocab_size).to(job.device)
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, t.steps, t.warmup_steps, t.min_lr_frac)
+    )
+    return model, opt, sched
+
+
+def _load_newest_state(job: Job, model: Any, opt: Any, sched: Any) -> ck.CheckpointInfo | None:
     """Load the newest checkpoint that has a readable state; returns its info or None.
     A corrupt one is renamed to .corrupt-step_N (never silently deleted)."""
     from safetensors.torch import load_file
 
     try:
-        infos = [i for i in ck.list_checkpoints(ckpt_dir) if i.has_state]
+        infos = [i for i in ck.list_checkpoints(job.ckpt_dir) if i.has_state]
     except RunDirError:
         return None
     for info in reversed(infos):
@@ -273,14 +227,14 @@ def _try_resume(model: Any, opt: Any, sched: Any, scaler: Any, ckpt_dir: Path, r
                 raise RuntimeError(f"weights do not match the model ({(missing + unexpected)[:3]})")
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["scheduler"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
+            if job.scaler is not None and state.get("scaler"):
+                job.scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"])
             np.random.set_state(state["rng"]["numpy"])
             random.setstate(state["rng"]["python"])
             return info
         except Exception as exc:  # noqa: BLE001 - any failure: fall back to the one before
-            if rank0:
+            if job.rank0:
                 bad = info.path.with_name(f".corrupt-{info.path.name}")
                 shutil.rmtree(bad, ignore_errors=True)
                 info.path.rename(bad)
@@ -292,7 +246,37 @@ def _try_resume(model: Any, opt: Any, sched: Any, scaler: Any, ckpt_dir: Path, r
     return None
 
 
-# --- the loop ----------------------------------------------------------------------------
+def resume(job: Job, model: Any, opt: Any, sched: Any) -> int:
+    """Restore the newest resumable checkpoint; returns the step to start from (0: fresh)."""
+    info = None
+    for turn in (True, False):  # rank 0 first: it alone renames a corrupt checkpoint aside
+        if job.rank0 == turn:
+            info = _load_newest_state(job, model, opt, sched)
+        _barrier(job)
+    start = 0 if info is None else info.step
+    if job.rank0:  # drop log lines past the resumed step
+        log = [r for r in ck.read_train_log(job.run_dir) if r["step"] <= start] if start else []
+        ck.write_train_log(job.run_dir, log)
+        if start:
+            print(f"resuming {job.run_dir} from step {start}", file=sys.stderr)
+    return start
+
+
+def wrap_for_steps(job: Job, model: Any) -> Any:
+    """The module the steps run: DDP averages gradients over ranks; compile wraps that."""
+    step_model = model
+    if job.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        step_model = DistributedDataParallel(
+            model, device_ids=[job.local_rank] if job.device.type == "cuda" else None
+        )
+    if job.cfg.train.compile and job.device.type == "cuda":
+        step_model = torch.compile(step_model)
+    return step_model
+
+
+# --- one step ----------------------------------------------------------------------------
 def _ce_sum(model: Any, ids: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, int]:
     """Summed cross-entropy over the non-pad targets of ids[:, 1:], and their count."""
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
@@ -337,6 +321,29 @@ def forward_backward(
     return loss_share
 
 
+def train_step(
+    job: Job, step_model: Any, opt: Any, sched: Any, batch: torch.Tensor, pad_id: int
+) -> tuple[torch.Tensor, float]:
+    """One optimiser update on the step's global batch; (this rank's loss share, its lr)."""
+    t, scaler = job.cfg.train, job.scaler
+    loss = forward_backward(
+        step_model, batch, pad_id, t.grad_accum, job.rank, job.world, job.amp, scaler
+    )
+    if scaler:
+        scaler.unscale_(opt)
+    if t.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(step_model.parameters(), t.grad_clip)
+    if scaler:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    lr = sched.get_last_lr()[0]
+    sched.step()
+    return loss, lr
+
+
 @torch.no_grad()
 def evaluate(model: Any, heldout: dict[str, torch.Tensor], pad_id: int, amp: Any) -> dict:
     """Mean held-out cross-entropy per language."""
@@ -354,8 +361,57 @@ def evaluate(model: Any, heldout: dict[str, torch.Tensor], pad_id: int, amp: Any
     return out
 
 
+def save_checkpoint(
+    job: Job, model: Any, opt: Any, sched: Any, step: int, loss: float | None, meta: dict
+) -> None:
+    """Rank 0 writes checkpoint `step` with the state that resumes training from it."""
+    if not job.rank0:
+        return
+    state = {
+        "step": step,
+        "optimizer": opt.state_dict(),
+        "scheduler": sched.state_dict(),
+        "scaler": job.scaler.state_dict() if job.scaler else None,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        },
+    }
+    meta = {
+        **meta,
+        "loss": loss,
+        "tokenizer": "../../tokenizer",
+        "probekit_version": _version(),
+    }
+    ck.save_checkpoint(model, job.ckpt_dir, step, meta, state, job.cfg.checkpoints.keep_state)
+
+
+class LossMeter:
+    """Training loss, tokens and time since the last log line (the mean is over ranks)."""
+
+    def __init__(self, device: torch.device):
+        self.loss, self.steps, self.tokens, self.seconds = torch.zeros((), device=device), 0, 0, 0.0
+
+    def add(self, loss: torch.Tensor, tokens: int) -> None:
+        self.loss += loss
+        self.steps, self.tokens = self.steps + 1, self.tokens + tokens
+
+    def read(self, world: int) -> tuple[float, float]:
+        """(mean loss, tokens per second) since the last read; waits for the device."""
+        if world > 1:  # every rank's loss is its share of the global mean
+            import torch.distributed as dist
+
+            dist.all_reduce(self.loss)
+        mean, tok_s = float(self.loss) / self.steps, self.tokens / max(self.seconds, 1e-9)
+        self.loss.zero_()
+        self.steps, self.tokens, self.seconds = 0, 0, 0.0
+        return mean, tok_s
+
+
+# --- the loop ----------------------------------------------------------------------------
 def train(
-    config: str | Path | dict,
+    config: str | Path | dict | RunConfig,
     out: str | Path,
     max_steps: int | None = None,
     device: str | None = None,
@@ -370,214 +426,91 @@ def train(
     overrides train.device for this process only; `data` replaces prepare_run_data
     (tests, benchmarks).
     """
-    from probekit.config import load_config
-    from probekit.training.model import build_model
-
     cfg = load_config(config, overrides)
-    run_dir = Path(out)
-    t, c, e = cfg["train"], cfg["checkpoints"], cfg["eval"]
-    rank, world, local_rank = _init_distributed()
-    rank0 = rank == 0
-    dev = _resolve_device(device or t["device"], local_rank)
-    precision = t["precision"]
-    if precision == "auto":
-        precision = "bf16" if dev.type == "cuda" else "fp32"
-    if precision == "fp16" and dev.type != "cuda":
-        raise ConfigError("train.precision: fp16 needs CUDA (use bf16 or fp32 on CPU)")
-    steps, B, T = t["steps"], t["batch_size"], cfg["model"]["context"]
-    if B % (world * t["grad_accum"]):
-        raise ConfigError(
-            f"train.batch_size: {B} is not divisible by ranks x grad_accum = "
-            f"{world} x {t['grad_accum']}"
-        )
-    ckpt_dir = run_dir / "checkpoints"
-    if rank0:
-        _prepare_run_dir(cfg, run_dir, force)
-        for tmp in ckpt_dir.glob(".tmp-*"):  # left by a killed run
-            shutil.rmtree(tmp, ignore_errors=True)
-    _barrier(world)
-    plan = checkpoint_plan(cfg)
-    if steps in _steps_done(ckpt_dir):
-        if rank0:
+    job = setup(cfg, Path(out), device)
+    run_dir, steps, B, T = job.run_dir, cfg.train.steps, cfg.train.batch_size, cfg.model.context
+    if job.rank0:
+        prepare_run_dir(cfg, run_dir, force)
+    _barrier(job)
+    if steps in _steps_done(job.ckpt_dir):
+        if job.rank0:
             print(f"run already complete: {run_dir} (step {steps})", file=sys.stderr)
         return run_dir
+    data = data if data is not None else load_data(job)
+    langs, plan = list(data.languages), checkpoint_plan(cfg)
 
-    if data is None:
-        from probekit.data import prepare_run_data
-
-        if rank0:  # rank 0 builds the tokenizer; the others load it
-            data = prepare_run_data(cfg, run_dir)
-        _barrier(world)
-        if not rank0:
-            data = prepare_run_data(cfg, run_dir)
-    langs = list(data.languages)
-
-    # model, optimiser, schedule: seeded so two runs with one seed are identical
-    torch.manual_seed(cfg["seed"])
-    np.random.seed(cfg["seed"])
-    random.seed(cfg["seed"])
-    model = build_model(cfg["model"], data.model_vocab_size).to(dev)
-    opt = torch.optim.AdamW(
-        model.parameters(),
-        lr=t["lr"],
-        betas=tuple(t["betas"]),
-        eps=t["eps"],
-        weight_decay=t["weight_decay"],
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, steps, t["warmup_steps"], t["min_lr_frac"])
-    )
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    amp = (lambda: torch.autocast(dev.type, dtype=dtype)) if dtype else nullcontext
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-
-    start = 0
-    info = None
-    for turn in (True, False):  # rank 0 first: it alone renames a corrupt checkpoint aside
-        if rank0 == turn:
-            info = _try_resume(model, opt, sched, scaler, ckpt_dir, rank0)
-        _barrier(world)
-    if info is not None:
-        start = info.step
-        if rank0:
-            print(f"resuming {run_dir} from step {start}", file=sys.stderr)
-            ck.write_train_log(
-                run_dir, [r for r in ck.read_train_log(run_dir) if r["step"] <= start]
-            )
-    elif rank0:
-        ck.write_train_log(run_dir, [])
+    model, opt, sched = init_model(job, data.model_vocab_size)
+    start = resume(job, model, opt, sched)
     stop = steps if max_steps is None else min(steps, start + max_steps)
-
     stream = data.stream(steps * B, T)
-    if rank0 and start == 0:
-        if warning := stream.repeat_warning(steps * B):
-            print(f"warning: {warning}", file=sys.stderr)
-        if len(langs) > 1 and progress:  # the real share, schedules included
-            shares = stream.language_counts(steps * B) / (steps * B)
-            mix = ", ".join(f"{lang} {x:.1%}" for lang, x in zip(langs, shares, strict=True))
-            print(f"language shares over the run: {mix}", file=sys.stderr)
+    if job.rank0 and start == 0:
+        _announce_mix(stream, steps * B, langs, progress)
     lang_tokens = stream.language_counts(start * B).astype(np.int64) * T
     heldout = {
-        lang: torch.as_tensor(data.heldout(lang, e["n_sequences"], T), device=dev) for lang in langs
+        lang: torch.as_tensor(data.heldout(lang, cfg.eval.n_sequences, T), device=job.device)
+        for lang in langs
     }
 
-    def meta(step: int, loss: float | None) -> dict:
+    def tokens_seen(step: int) -> dict:
         return {
             "tokens": step * B * T,
             "tokens_per_language": dict(zip(langs, lang_tokens.tolist(), strict=True)),
-            "sequences": step * B,
-            "loss": loss,
-            "tokenizer": "../../tokenizer",
-            "probekit_version": _version(),
         }
 
-    def save(step: int, loss: float | None) -> None:
-        if not rank0:
-            return
-        state = {
-            "step": step,
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(),
-                "python": random.getstate(),
-            },
-        }
-        ck.save_checkpoint(model, ckpt_dir, step, meta(step, loss), state, c["keep_state"])
+    def log_eval(step: int) -> None:
+        evals = evaluate(model, heldout, data.pad_id, job.amp)
+        ck.append_train_log(run_dir, {"step": step, "eval": evals})
 
     if start == 0:
-        if rank0:
-            ck.append_train_log(
-                run_dir, {"step": 0, "eval": evaluate(model, heldout, data.pad_id, amp)}
-            )
-        save(0, None)  # no loss before the first update
+        if job.rank0:
+            log_eval(0)
+        save_checkpoint(job, model, opt, sched, 0, None, {**tokens_seen(0), "sequences": 0})
 
-    # DDP averages gradients over ranks; torch.compile wraps the (DDP) module
-    step_model: Any = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        step_model = DistributedDataParallel(
-            model, device_ids=[local_rank] if dev.type == "cuda" else None
-        )
-    if t["compile"] and dev.type == "cuda":
-        step_model = torch.compile(step_model)
-
-    bar = None
-    if progress and rank0:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=stop, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    step_model = wrap_for_steps(job, model)
+    bar = _progress_bar(start, stop) if progress and job.rank0 else None
+    meter = LossMeter(job.device)
     model.train()
-    loss_acc, n_acc, t_train, tok_acc = torch.zeros((), device=dev), 0, 0.0, 0
     for step in range(start, stop):
         t0 = time.perf_counter()
-        # all ranks read the step, each uses its slice
-        ids_np, lang_np = stream.sequences(step * B, B)
-        loss_acc += forward_backward(
-            step_model,
-            torch.from_numpy(ids_np),
-            data.pad_id,
-            t["grad_accum"],
-            rank,
-            world,
-            amp,
-            scaler,
-        )
-        if scaler:
-            scaler.unscale_(opt)
-        if t["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t["grad_clip"])
-        if scaler:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
-        lr = sched.get_last_lr()[0]
-        sched.step()
-        lang_tokens += np.bincount(lang_np, minlength=len(langs)) * T
-        n_acc, tok_acc = n_acc + 1, tok_acc + B * T
-        done_steps = step + 1
-        last_step = done_steps == stop
-        needs_loss = done_steps % e["log_interval"] == 0 or last_step or done_steps in plan
-        if needs_loss:
-            if world > 1:  # every rank's loss is its share of the global mean
-                import torch.distributed as dist
-
-                dist.all_reduce(loss_acc)
-            t_train += time.perf_counter() - t0  # .item() below waits for the device
-            mean_loss = float(loss_acc) / n_acc
-            tok_s = tok_acc / max(t_train, 1e-9)
-            if rank0:
-                ck.append_train_log(
-                    run_dir,
-                    {
-                        "step": done_steps,
-                        "tokens": done_steps * B * T,
-                        "tokens_per_language": dict(zip(langs, lang_tokens.tolist(), strict=True)),
-                        "lr": lr,
-                        "loss": mean_loss,
-                        "tok_per_s": round(tok_s, 1),
-                    },
-                )
+        ids, step_langs = stream.sequences(step * B, B)  # every rank reads the whole step
+        loss, lr = train_step(job, step_model, opt, sched, torch.from_numpy(ids), data.pad_id)
+        lang_tokens += np.bincount(step_langs, minlength=len(langs)) * T
+        meter.add(loss, B * T)
+        done = step + 1
+        if done % cfg.eval.log_interval == 0 or done == stop or done in plan:
+            meter.seconds += time.perf_counter() - t0  # before read(), which waits for the device
+            mean_loss, tok_s = meter.read(job.world)
+            if job.rank0:
+                record = {"step": done, **tokens_seen(done), "lr": lr, "loss": mean_loss}
+                ck.append_train_log(run_dir, {**record, "tok_per_s": round(tok_s, 1)})
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            loss_acc.zero_()
-            n_acc, tok_acc, t_train = 0, 0, 0.0
         else:
-            t_train += time.perf_counter() - t0
-        if rank0 and (done_steps % e["interval"] == 0 or done_steps == steps):
-            ck.append_train_log(
-                run_dir, {"step": done_steps, "eval": evaluate(model, heldout, data.pad_id, amp)}
-            )
-        if done_steps in plan:
-            save(done_steps, mean_loss)
+            meter.seconds += time.perf_counter() - t0
+        if job.rank0 and (done % cfg.eval.interval == 0 or done == steps):
+            log_eval(done)
+        if done in plan:
+            meta = {**tokens_seen(done), "sequences": done * B}
+            save_checkpoint(job, model, opt, sched, done, mean_loss, meta)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    _barrier(world)
+    _barrier(job)
     return run_dir
+
+
+def _announce_mix(stream: Any, n_sequences: int, langs: list[str], progress: bool) -> None:
+    """Warn when the corpus repeats; print the language shares over the whole run."""
+    if warning := stream.repeat_warning(n_sequences):
+        print(f"warning: {warning}", file=sys.stderr)
+    if len(langs) > 1 and progress:  # the real share, schedules included
+        shares = stream.language_counts(n_sequences) / n_sequences
+        mix = ", ".join(f"{lang} {x:.1%}" for lang, x in zip(langs, shares, strict=True))
+        print(f"language shares over the run: {mix}", file=sys.stderr)
+
+
+def _progress_bar(start: int, stop: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=stop, initial=start, desc="train", unit="step", dynamic_ncols=True)
