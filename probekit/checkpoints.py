@@ -17,9 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a hub lookup by mistake fails fast, never hangs
-
-from probekit.errors import RunDirError  # noqa: E402
+from probekit.errors import RunDirError
 
 STEP_DIR = "step_{:06d}"
 META_FILE = "probekit.json"
@@ -119,7 +117,10 @@ def select_checkpoints(
 
 
 def load_checkpoint(info: CheckpointInfo | Path | str, device: str = "cpu") -> Any:
-    """The checkpoint's model (`AutoModelForCausalLM`, offline), in eval mode on `device`."""
+    """The checkpoint's model (`AutoModelForCausalLM`), in eval mode on `device`.
+
+    local_files_only: a folder is read from disk only, never looked up on the hub.
+    """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
