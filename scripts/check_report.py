@@ -2,12 +2,13 @@
 """Check a probekit report directory: files, data, self-containment, and a real browser render.
 
     python scripts/check_report.py REPORT_DIR [--require-browser] [--no-browser]
-                                              [--chromium PATH] [--wait SECONDS]
+                                              [--chromium PATH] [--wait SECONDS] [--max-mb MB]
 
 Static checks need only the standard library. The browser check drives headless Chromium over
 the Chrome DevTools Protocol with the `websockets` package (pip install websockets); it fails on
 any page exception, console error, log error, network request that is not file:/data:/blob:/
-about:, or chart container left without an <svg>/<canvas>. Without Chromium (or websockets) the
+about:, or chart container left without an <svg>/<canvas>, and it uses the run selector once
+(hide a run, show it again) under the same watch. Without Chromium (or websockets) the
 browser check is reported as skipped, unless --require-browser (CI) makes that an error.
 Exit status: 0 all good, 1 problems found (one line each on stdout).
 """
@@ -109,7 +110,14 @@ def static_checks(d: Path) -> list[str]:
     n_div = page.count('class="probekit-chart"')
     if n_div != len(charts):
         problems.append(f"page has {n_div} chart containers, report.json lists {len(charts)}")
+    if page.count('id="vega-bundle"') > 1:
+        problems.append("the vega bundle is inlined more than once")
     return problems
+
+
+def report_bytes(d: Path) -> int:
+    """Bytes of the page and everything it links beside it (PNGs), not report.json."""
+    return sum(f.stat().st_size for f in d.iterdir() if f.suffix in (".html", ".png"))
 
 
 def find_chromium(explicit: str | None) -> str | None:
@@ -249,6 +257,14 @@ def _drive(cdp: _CDP, index: Path, wait: float) -> list[str]:
     if not cdp.wait_for("Page.loadEventFired", 60):
         problems.append("browser: page did not finish loading within 60 s")
     cdp.pump(wait)  # let vega-embed render (it is asynchronous)
+    # Use the run selector once (hide the first run, show it again): the charts' `shown`
+    # parameter must update every view without an error.
+    toggle = (
+        "(function(){var b=document.querySelector('#run-select input');"
+        "if(!b)return 0;b.click();setTimeout(function(){b.click();},300);return 1;})()"
+    )
+    cdp.send("Runtime.evaluate", {"expression": toggle, "returnByValue": True}, session=sess)
+    cdp.pump(min(wait, 1.5))
     for e in cdp.events:
         m, p = e.get("method"), e.get("params", {})
         if e.get("sessionId") not in (None, sess):
@@ -293,12 +309,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-browser", action="store_true", help="static checks only")
     ap.add_argument("--chromium", help="browser binary (default: /usr/bin/chromium or PATH)")
     ap.add_argument("--wait", type=float, default=2.0, help="seconds to wait after load")
+    ap.add_argument(
+        "--max-mb",
+        type=float,
+        help="fail when index.html plus the PNGs exceed this many MB (10^6 bytes)",
+    )
     a = ap.parse_args(argv)
     d: Path = a.report_dir
     if not d.is_dir():
         print(f"error: report directory not found: {d}")
         return 1
     problems = static_checks(d)
+    size = report_bytes(d)
+    if a.max_mb is not None and size > a.max_mb * 1e6:
+        problems.append(f"page and PNGs weigh {size / 1e6:.2f} MB, over --max-mb {a.max_mb:g}")
     if not a.no_browser and not problems:
         chromium = find_chromium(a.chromium)
         try:
@@ -318,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in problems:
         print(p)
     if not problems:
-        print(f"ok: {d}")
+        print(f"ok: {d} ({size / 1e6:.2f} MB page and PNGs)")
     return 1 if problems else 0
 
 

@@ -89,7 +89,7 @@ VARIABLES: dict[str, dict[str, Any]] = {
     "retrieval_acc": {
         "title": "translation retrieval accuracy",
         "question": "representations",
-        "control": "chance = 1 / pairs",
+        "control": "retrieval_acc_baseline",
     },
     "probe_transfer": {
         "title": "probe accuracy across languages",

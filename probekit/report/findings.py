@@ -316,11 +316,11 @@ def _measure_finding(
         gaps = [f.values[k] - f.controls[k] for k in with_c]
         span = f"{fmt(min(gaps))} to {fmt(max(gaps))}" if len(gaps) > 1 else fmt(gaps[0])
         if len(above) == len(with_c):
-            head = f"above {what} in every run"
+            head = f"above {what}" + (" in every run" if len(with_c) > 1 else "")
         elif above:
             head = f"above {what} in {_list(above)} only"
         else:
-            head = f"not above {what} in any run"
+            head = f"not above {what}" + (" in any run" if len(with_c) > 1 else "")
         clauses.append(f"{head} (difference {span})")
     else:
         clauses.append(f"{f.measure} is stored without a control")
@@ -348,8 +348,16 @@ def compute_findings(
         f = _measure_finding(runs, groups, var, f"{var}_baseline", "different-text baseline")
         if f is not None:
             out.append(f)
+    retr_base = any("retrieval_acc_baseline" in ds for ds in runs.values())
     extras = [
-        ("retrieval_acc", None, "", {}, None, None),
+        (
+            "retrieval_acc",
+            "retrieval_acc_baseline" if retr_base else None,
+            "different-text baseline",
+            None,
+            None,
+            None,
+        ),
         ("neuron_overlap", "neuron_overlap_chance", "chance overlap", None, None, None),
         ("grad_cos", None, "zero", None, None, 0.0),
     ]
