@@ -24,6 +24,7 @@ import pandas as pd
 import xarray as xr
 
 from probekit.errors import MetricError
+from probekit.report.catalog import VARIABLES
 
 __all__ = [
     "CAPTIONS",
@@ -56,12 +57,10 @@ class MissingMetric(MetricError):
     """No given run has the variable a chart needs."""
 
 
+# The similarity measures drawn as heat-maps and layer profiles; titles from the one table.
 SIMILARITY_METRICS: dict[str, str] = {
-    "hidden_cos": "hidden-state cosine",
-    "hidden_cos_centred": "centred hidden-state cosine",
-    "cka": "linear CKA",
-    "linmap_r2": "linear-map R²",
-    "procrustes_r2": "Procrustes R²",
+    m: VARIABLES[m]["title"]
+    for m in ("hidden_cos", "hidden_cos_centred", "cka", "linmap_r2", "procrustes_r2")
 }
 
 # One line each: how to read the chart. Similarity charts are per metric ("{metric}" filled in).

@@ -170,11 +170,12 @@ def _comparison_clause(f: Finding, groups: list[Group]) -> str:
         return ""
     a, b = have[0], have[-1]
     va, vb = f.values[a.label], f.values[b.label]
+    noun = "run" if len(a.runs) == 1 else "setting"
     if f.comparison == "equal":
-        clause = f"the most imbalanced run ({a.label}) equals the most balanced ({b.label})"
+        clause = f"the most imbalanced {noun} ({a.label}) equals the most balanced ({b.label})"
     else:
         clause = (
-            f"the most imbalanced run ({a.label}) is {f.comparison} than the most balanced "
+            f"the most imbalanced {noun} ({a.label}) is {f.comparison} than the most balanced "
             f"({b.label}) by {fmt(abs(va - vb))}"
         )
     ia, ib = f.intervals.get(a.label), f.intervals.get(b.label)
