@@ -256,6 +256,7 @@ def analyse_sweep(
     planned: list[PlannedRun], out: Path, progress: bool = True, options: dict | None = None
 ) -> str:
     from probekit.analysis import AlignOptions, align
+    from probekit.checkpoints import list_checkpoints
     from probekit.evaluation import evaluate, seed_summary, teff_table
 
     opts = ANALYSIS_DEFAULTS | (options or {})
@@ -266,6 +267,8 @@ def analyse_sweep(
     for r in runs:
         evaluate(out / r.name, max_tokens=opts["eval_max_tokens"], progress=progress)
         align(out / r.name, metrics=opts["metrics"], options=align_opts, progress=progress)
+    for path in refs + ctrls:  # teff_table reads their final perplexity (the whole test set)
+        evaluate(path, steps=[list_checkpoints(path)[-1].step], progress=progress)
     lines = []
     try:
         table = teff_table([out / r.name for r in runs], refs, controls=ctrls)
