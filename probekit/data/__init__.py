@@ -6,7 +6,6 @@ calls `load_run_data(run_dir)`, which reads only what training wrote.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -31,7 +30,7 @@ __all__ = ["RunData", "prepare_run_data", "load_run_data", "build_vocabulary", "
 
 
 def _language_docs(d: DataConfig, lang: str, split: str) -> list[str]:
-    return corpus.language_docs(dataclasses.asdict(d), lang, split)  # takes [data] as a dict
+    return corpus.language_docs(d.sources, lang, split, d.test_sources)
 
 
 def build_vocabulary(cfg: RunConfig) -> Vocabulary:
@@ -195,7 +194,7 @@ class RunData:
         base = self.cfg.data.base
         bible = self._parallel_bible(base)
         if self.cfg.data.parallel:
-            texts = [(0, line) for line in _read_lines(self.cfg.data.parallel[0])]
+            texts = [(0, line) for line in read_lines(self.cfg.data.parallel[0])]
         elif bible is not None:
             texts = [(b, t) for b, t, _ in corpus.parallel_verses(bible, bible)]
         else:  # clones of user text: the test split is held out as well
@@ -210,7 +209,7 @@ class RunData:
                 ids1.append(self.vocab.to_language(chunk, l1))
                 ids2.append(self.vocab.to_language(chunk, l2))
                 labels.append(books.index(book))
-        order = _spread(len(ids1), n_pairs)
+        order = spread(len(ids1), n_pairs)
         names = [corpus.book_names().get(b, str(b)) if b else "text" for b in books]
         return ParallelSet(
             [ids1[i] for i in order],
@@ -224,7 +223,7 @@ class RunData:
         d = self.cfg.data
         c1, c2 = self.corpus_language(l1), self.corpus_language(l2)
         if d.parallel:
-            a, b = (_read_lines(p) for p in d.parallel)
+            a, b = (read_lines(p) for p in d.parallel)
             if len(a) != len(b):
                 raise ConfigError(f"data.parallel: files have {len(a)} and {len(b)} lines")
             verses = [(0, x, y) for x, y in zip(a, b, strict=True)]
@@ -240,7 +239,7 @@ class RunData:
         e2 = self.vocab.encode([v[2] for v in verses], l2)
         books = sorted({v[0] for v in verses})
         pairs1, pairs2, labels = pack_parallel(e1, e2, [books.index(v[0]) for v in verses], seq_len)
-        order = _spread(len(pairs1), n_pairs)
+        order = spread(len(pairs1), n_pairs)
         names = [corpus.book_names().get(b, str(b)) if b else "text" for b in books]
         return ParallelSet(
             [pairs1[i] for i in order],
@@ -302,14 +301,14 @@ def _atomic_savez(path: Path, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def _spread(n: int, k: int) -> list[int]:
+def spread(n: int, k: int) -> list[int]:
     """k indices spread evenly over range(n) (all of them if k >= n), so every book is used."""
     if k >= n:
         return list(range(n))
     return np.linspace(0, n - 1, num=k).round().astype(int).tolist()
 
 
-def _read_lines(path: str, field: str = "data.parallel") -> list[str]:
+def read_lines(path: str, field: str = "data.parallel") -> list[str]:
     p = Path(path).expanduser()
     if not p.is_file():
         raise ConfigError(f"{field}: file not found: {p}")

@@ -141,17 +141,23 @@ def source_language(spec: str) -> str | None:
     return "en" if spec.startswith("prose:") else None
 
 
-def language_docs(data: dict, lang: str, split: str) -> list[str]:
-    """All documents of one corpus language in a split, following the config's sources."""
-    if split == "test" and data["test_sources"].get(lang):
-        specs = data["test_sources"][lang]
+def language_docs(
+    sources: dict[str, list[str]],
+    lang: str,
+    split: str,
+    test_sources: dict[str, list[str]] | None = None,
+) -> list[str]:
+    """All documents of one corpus language in a split, following the config's
+    `data.sources` (and `data.test_sources` for the test split)."""
+    if split == "test" and (test_sources or {}).get(lang):
+        specs = test_sources[lang]
         return [
             d
             for s in ([specs] if isinstance(specs, str) else specs)
             for d in source_docs(s, "train") + source_docs(s, "test")
         ]
-    docs = [d for spec in data["sources"][lang] for d in source_docs(spec, split)]
-    for spec in data["sources"][lang]:
+    docs = [d for spec in sources[lang] for d in source_docs(spec, split)]
+    for spec in sources[lang]:
         shipped = source_language(spec)
         if shipped is not None and shipped != lang:
             raise ConfigError(f"data.sources.{lang}: {spec!r} is {shipped!r} text, not {lang!r}")
