@@ -29,7 +29,8 @@ CHILD = r"""
 import json, os, resource, sys, time
 import torch
 torch.set_num_threads(1)
-from probekit.analysis import AlignOptions, Series, align
+from probekit.analysis import AlignOptions, align
+from probekit.checkpoints import list_checkpoints
 from probekit.metrics import similarity as S
 
 run, n = sys.argv[1], int(sys.argv[2])
@@ -40,7 +41,7 @@ def result(self, *a, **k):
     return orig(self, *a, **k)
 S.SimilarityAccumulator.result = result
 opts = AlignOptions(n_pairs=n, seq_len=SEQ_LEN)
-final = max(c.step for c in Series(run, opts).checkpoints())
+final = max(c.step for c in list_checkpoints(run))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 align(run, metrics="similarity", steps=[final], recompute=True, options=opts, progress=False)
@@ -76,9 +77,10 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=RUN)
     args = ap.parse_args()
     ensure_run(args.run)
-    from probekit.analysis import AlignOptions, Series
+    from probekit.options import AnalysisOptions
+    from probekit.series import open_series
 
-    avail = len(Series(args.run, AlignOptions(n_pairs=10**6, seq_len=SEQ)).parallel)
+    avail = len(open_series(args.run, AnalysisOptions(n_pairs=10**6, seq_len=SEQ)).parallel)
     wanted = [32, 128] if args.quick else [32, 128, 512, 2048]
     ns = sorted({min(n, avail) for n in wanted})
     print(f"run {args.run} (nano: 2 layers, d=64); {avail} parallel pairs at seq_len {SEQ}")

@@ -90,17 +90,22 @@ def reference_e2e(model, ids1, ids2, aligned: bool, match_layers: list[int]) -> 
 
 
 @torch.no_grad()
-def probekit_e2e(bridge, ids1, ids2, aligned: bool, n_layers: int, d: int, bs: int):
-    from probekit.hooks import iter_pair_activations
+def probekit_e2e(bridge, view, ids1, ids2, aligned: bool, bs: int):
+    """The engine's batching: one bridge forward per language and batch."""
+    from probekit.hooks import pad_batch, run_activations
 
-    acc = SimilarityAccumulator(n_layers + 1, d, metrics=("hidden_cos",), aligned=aligned)
-    for idx, a1, a2 in iter_pair_activations(bridge, ids1, ids2, n_layers, bs):
+    acc = SimilarityAccumulator(view.n_layers + 1, view.d_model, ("hidden_cos",), aligned=aligned)
+    for start in range(0, len(ids1), bs):
+        idx = np.arange(start, min(start + bs, len(ids1)))
+        a1 = run_activations(bridge, *pad_batch([ids1[i] for i in idx]), view)
+        a2 = run_activations(bridge, *pad_batch([ids2[i] for i in idx]), view)
         acc.update(a1.resid, a1.mask, a2.resid, a2.mask, torch.as_tensor(idx))
     return acc.result().hidden_cos.values, acc.match_layers
 
 
 def bench_e2e(n_pairs: int, T: int, preset: str, repeat: int, device: str = "cpu") -> None:
     from probekit.hooks import load_bridge
+    from probekit.model_view import ModelView
     from probekit.training import build_model
 
     V = 512  # base vocabulary; clones use L2 = L1 + V (model vocab 1024)
@@ -113,9 +118,10 @@ def bench_e2e(n_pairs: int, T: int, preset: str, repeat: int, device: str = "cpu
     lens2 = np.clip(lens1 + rng.integers(-T // 4, T // 4 + 1, n_pairs), 8, T)
     enfr1 = [rng.integers(1, V, n) for n in lens1]  # "EN": ids < V
     enfr2 = [rng.integers(V, 2 * V, n) for n in lens2]  # "FR": its own ids, other length
+    view = ModelView.from_config(model.config)
     t0 = time.perf_counter()
     bridge = load_bridge(
-        copy.deepcopy(model), _tokenizer(2 * V), device=device
+        copy.deepcopy(model), _tokenizer(2 * V), view, device=device
     )  # the boot rewraps modules
     t_boot = time.perf_counter() - t0
     match_layers = SimilarityAccumulator(L + 1, d, metrics=("hidden_cos",)).match_layers
@@ -136,7 +142,7 @@ def bench_e2e(n_pairs: int, T: int, preset: str, repeat: int, device: str = "cpu
             ref = reference_e2e(model, i1, i2, aligned, match_layers)
             t_ref = min(t_ref, time.perf_counter() - t0)
             t0 = time.perf_counter()
-            new, ml = probekit_e2e(bridge, i1, i2, aligned, L, d, 16)
+            new, ml = probekit_e2e(bridge, view, i1, i2, aligned, 16)
             t_new = min(t_new, time.perf_counter() - t0)
         assert ml == match_layers
         diff = float(np.abs(ref - new).max())

@@ -22,16 +22,14 @@ from typing import Any
 import pandas as pd
 import xarray as xr
 
-from probekit import store
-from probekit.checkpoints import (
-    CheckpointInfo,
-    list_checkpoints,
-    load_checkpoint,
-    select_checkpoints,
-)
+from probekit import engine, store
+from probekit.checkpoints import CheckpointInfo, list_checkpoints
 from probekit.errors import MetricError, RunDirError
+from probekit.metrics import FAMILIES
+from probekit.options import AnalysisOptions
+from probekit.series import DEFAULT_MAX_TOKENS
 
-DEFAULT_MAX_TOKENS = 65_536  # per language and checkpoint; --max-tokens 0 scores the whole split
+__all__ = ["evaluate", "token_efficiency", "teff_table", "seed_summary", "DEFAULT_MAX_TOKENS"]
 
 
 def evaluate(
@@ -43,45 +41,27 @@ def evaluate(
     recompute: bool = False,
     device: str = "cpu",
     progress: bool = True,
+    workers: int = 0,
+    scheduler: str | None = None,
 ) -> xr.Dataset:
-    """Test perplexity per language for every (or the chosen) checkpoint -> `ppl` in the cube."""
-    from tqdm.auto import tqdm
+    """Test perplexity per language for every (or the chosen) checkpoint -> `ppl` in the cube.
 
-    from probekit.data import load_run_data
-    from probekit.metrics.perplexity import perplexity, perplexity_dataarray
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunDirError(f"run directory not found: {run_dir}")
-    store.check_version(run_dir)
-    data = load_run_data(run_dir)
-    window = int(data.cfg["model"]["context"])
-    ckpts = select_checkpoints(list_checkpoints(run_dir), steps, run_dir)
-    # --recompute overwrites each step as it is recomputed: a failure keeps the old value
-    done = set() if recompute else set(store.stored_steps(run_dir, "perplexity"))
-    limit = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
-    texts = {}
-    for lang in data.languages:
-        ids, chars = data.test_tokens(lang)
-        if limit and len(ids) > limit:  # a prefix; characters scaled to the same share
-            chars = int(round(chars * limit / len(ids)))
-            ids = ids[:limit]
-        texts[lang] = (ids, chars)
-    todo = [c for c in ckpts if c.step not in done]
-    attrs = {"run_name": data.cfg.get("name") or run_dir.name, "mode": data.cfg["data"]["mode"]}
-    for info in tqdm(todo, desc=f"eval {run_dir.name}", unit="ckpt", disable=not progress):
-        model = load_checkpoint(info, device=device)
-        results = {
-            lang: perplexity(
-                model, ids, chars, window=window, stride=stride, scored_tail=tail, device=device
-            )
-            for lang, (ids, chars) in texts.items()
-        }
-        ds = perplexity_dataarray(results)
-        ds["ppl"].attrs["max_tokens"] = int(limit)
-        store.write_step(run_dir, "perplexity", ds, info.step, info.tokens, attrs)
-        del model
-    return store.open_cube(run_dir)
+    A call of the one driver with the perplexity family; `max_tokens` (default 65,536, 0 for
+    all) test tokens per language are scored with a sliding window of the model's context.
+    """
+    options = AnalysisOptions(stride=stride, tail=tail, max_tokens=max_tokens, device=device)
+    return engine.run(
+        run_dir,
+        [FAMILIES["perplexity"]],
+        steps=steps,
+        recompute=recompute,
+        options=options,
+        workers=workers,
+        scheduler=scheduler,
+        progress=progress,
+        explicit=True,
+        label="eval",
+    )
 
 
 @dataclass
@@ -118,40 +98,40 @@ def run_facts(run_dir: Path) -> RunFacts:
     data = load_run_data(run_dir)
     cfg, vocab = data.cfg, data.vocab
     ckpts = list_checkpoints(run_dir)
-    m = cfg["model"]
-    model_key = f"{m['preset']}:{m['n_layer']}x{m['n_embd']}:ctx{m['context']}"
+    m = cfg.model
+    model_key = f"{m.preset}:{m.n_layer}x{m.n_embd}:ctx{m.context}"
     tok_key = {
         lang: hashlib.sha256(
             vocab.tokenizers[vocab.tokenizer_of[lang]].to_str().encode()
         ).hexdigest()[:12]
         for lang in vocab.languages
     }
-    t = cfg["train"]
+    t = cfg.train
     return RunFacts(
         path=run_dir,
-        name=cfg.get("name") or run_dir.name,
-        mode=cfg["data"]["mode"],
+        name=cfg.name or run_dir.name,
+        mode=cfg.data.mode,
         languages=vocab.languages,
         corpus_language={lang: data.corpus_language(lang) for lang in vocab.languages},
         model_key=model_key,
         tokenizer_key=tok_key,
-        budget=float(t["steps"] * t["batch_size"] * m["context"]),
-        steps=int(t["steps"]),
+        budget=float(t.steps * t.batch_size * m.context),
+        steps=int(t.steps),
         final=ckpts[-1],
-        seed=int(cfg["seed"]),
-        p=float(cfg["data"]["p"]),
-        schedule=str(cfg["data"]["schedule"]),
-        vocab_mode=cfg["tokenizer"]["vocab_mode"]
-        if cfg["data"]["mode"] == "pair"
-        else cfg["data"]["mode"],
+        seed=int(cfg.seed),
+        p=float(cfg.data.p),
+        schedule=str(cfg.data.schedule),
+        vocab_mode=cfg.tokenizer.vocab_mode if cfg.data.mode == "pair" else cfg.data.mode,
     )
 
 
 def _final_ppl(facts: RunFacts, lang: str) -> float:
-    """Final-checkpoint test PPL, evaluating it first if the cube lacks it."""
-    steps = store.stored_steps(facts.path, "perplexity")
-    if facts.final.step not in steps:
-        evaluate(facts.path, steps=[facts.final.step], progress=False)
+    """Final-checkpoint test PPL as stored; teff never evaluates a run behind the user's back."""
+    if facts.final.step not in store.stored_steps(facts.path, "perplexity"):
+        raise MetricError(
+            f"{facts.path}: no perplexity stored for its final step {facts.final.step}; "
+            f"run `probekit eval {facts.path} --steps {facts.final.step}`"
+        )
     ds = store.read_family(facts.path, "perplexity")
     return float(ds["ppl"].sel(step=facts.final.step, language=lang))
 
@@ -235,7 +215,9 @@ def token_efficiency(
         if r.mode != "mono":
             raise MetricError(f"reference {r.path} is not a monolingual run (mode {r.mode})")
     if "perplexity" not in store.families(facts.path):
-        evaluate(facts.path, progress=False)
+        raise MetricError(
+            f"{facts.path}: no perplexity stored; run `probekit eval {facts.path}` first"
+        )
     ppl = store.read_family(facts.path, "perplexity")
     ckpts = {c.step: c for c in list_checkpoints(facts.path)}
     parts, infos = [], {}

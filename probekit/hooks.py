@@ -7,14 +7,13 @@ before the final LayerNorm, as in the paper. Only the hooks asked for are cached
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a mistaken hub lookup fails fast, never hangs
+from probekit.model_view import ModelView
 
 
 def _hf_tokenizer(tokenizer):
@@ -31,21 +30,16 @@ def _hf_tokenizer(tokenizer):
     )
 
 
-def load_bridge(model: torch.nn.Module, tokenizer, device: str = "cpu"):
-    """Wrap an in-memory HF causal LM in a TransformerBridge, offline."""
+def load_bridge(model: torch.nn.Module, tokenizer, view: ModelView, device: str = "cpu"):
+    """Wrap an in-memory HF causal LM in a TransformerBridge, offline, and check that it
+    sees the shape the model view expects."""
     from transformer_lens.model_bridge import TransformerBridge
 
-    return TransformerBridge.boot_transformers(
+    bridge = TransformerBridge.boot_transformers(
         "local", hf_model=model, tokenizer=_hf_tokenizer(tokenizer), device=device
     )
-
-
-def residual_hook_names(n_layers: int) -> list[str]:
-    return ["blocks.0.hook_resid_pre"] + [f"blocks.{i}.hook_resid_post" for i in range(n_layers)]
-
-
-def mlp_hook_names(n_layers: int) -> list[str]:
-    return [f"blocks.{i}.mlp.hook_post" for i in range(n_layers)]
+    view.check_bridge(bridge)
+    return bridge
 
 
 @dataclass
@@ -71,43 +65,15 @@ def run_activations(
     bridge,
     ids: torch.Tensor,
     mask: torch.Tensor,
-    n_layers: int,
+    view: ModelView,
     resid: bool = True,
     mlp: bool = False,
 ) -> Activations:
     """One batch through the bridge, caching only the residual and/or MLP hooks asked for."""
-    wanted = set(residual_hook_names(n_layers) if resid else []) | set(
-        mlp_hook_names(n_layers) if mlp else []
-    )
+    wanted = set(view.resid_hooks if resid else []) | set(view.mlp_hooks if mlp else [])
     device = next(bridge.parameters()).device
     _, cache = bridge.run_with_cache(ids.to(device), names_filter=lambda name: name in wanted)
-    r = (
-        torch.stack([cache[n] for n in residual_hook_names(n_layers)]).float().cpu()
-        if resid
-        else None
-    )
-    m = torch.stack([cache[n] for n in mlp_hook_names(n_layers)]).float().cpu() if mlp else None
+    r = torch.stack([cache[n] for n in view.resid_hooks]).float().cpu() if resid else None
+    m = torch.stack([cache[n] for n in view.mlp_hooks]).float().cpu() if mlp else None
     del cache
     return Activations(r, m, mask)
-
-
-def iter_pair_activations(
-    bridge,
-    ids1: list[np.ndarray],
-    ids2: list[np.ndarray],
-    n_layers: int,
-    batch_size: int,
-    resid: bool = True,
-    mlp: bool = False,
-    pad_id: int = 0,
-) -> Iterator[tuple[np.ndarray, Activations, Activations]]:
-    """Batches of parallel pairs: (pair indices, L1 activations, L2 activations)."""
-    for start in range(0, len(ids1), batch_size):
-        idx = np.arange(start, min(start + batch_size, len(ids1)))
-        a1 = run_activations(
-            bridge, *pad_batch([ids1[i] for i in idx], pad_id), n_layers, resid, mlp
-        )
-        a2 = run_activations(
-            bridge, *pad_batch([ids2[i] for i in idx], pad_id), n_layers, resid, mlp
-        )
-        yield idx, a1, a2

@@ -25,17 +25,9 @@ import xarray as xr
 import zarr
 
 from probekit.errors import RunDirError
+from probekit.metrics import FAMILIES
 
 STORE_VERSION = 1
-FAMILIES = (
-    "similarity",
-    "neurons",
-    "gradients",
-    "embeddings",
-    "perplexity",
-    "efficiency",
-    "probes",
-)
 
 
 def store_path(run_dir: Path) -> Path:
@@ -145,7 +137,7 @@ def _consolidate(path: Path) -> None:
 def write_steps(run_dir: Path, family: str, ds: xr.Dataset, attrs: dict | None = None) -> None:
     """Add (or replace) the steps in `ds` (which has a `step` dim) to a family group."""
     if family not in FAMILIES:
-        raise ValueError(f"unknown family {family}")
+        raise ValueError(f"unknown metric family {family!r} (registered: {', '.join(FAMILIES)})")
     path = store_path(run_dir)
     check_version(run_dir)
     with _locked(path):
@@ -186,10 +178,20 @@ def write_step(
 
 
 def families(run_dir: Path) -> list[str]:
+    """Families stored in a run's cube: registered ones in registry order, then any other
+    (written by a family registered in another process, e.g. a notebook's)."""
     path = store_path(run_dir)
-    return [
-        f for f in FAMILIES if (path / f / "zarr.json").is_file() or (path / f".old-{f}").exists()
+    if not path.is_dir():
+        return []
+    names = {p.name.removeprefix(".old-") for p in path.iterdir() if p.is_dir()}
+    stored = [
+        n
+        for n in names
+        if not n.startswith(".")
+        and ((path / n / "zarr.json").is_file() or (path / f".old-{n}").exists())
     ]
+    order = list(FAMILIES)
+    return sorted(stored, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 
 def open_cube(run_dir: Path) -> xr.Dataset:

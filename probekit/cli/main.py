@@ -16,7 +16,7 @@ import click
 
 from probekit.errors import ProbekitError
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def _friendly(fn):
@@ -34,6 +34,23 @@ def _friendly(fn):
     return wrapper
 
 
+def _cluster_options(fn):
+    """--workers and --scheduler: where the driver computes checkpoints."""
+    fn = click.option(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="An existing dask.distributed scheduler (e.g. tcp://host:8786) to compute "
+        "checkpoints on; default $PROBEKIT_DASK_SCHEDULER. Workers must see the run folder.",
+    )(fn)
+    return click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=0,
+        help="Spread checkpoints over this many local dask workers.",
+    )(fn)
+
+
 def _steps(value: str | None) -> list[int] | None:
     if not value:
         return None
@@ -43,11 +60,32 @@ def _steps(value: str | None) -> list[int] | None:
         raise click.BadParameter(f"expected comma-separated step numbers, got {value!r}") from None
 
 
+class _MetricsOption(click.Option):
+    """--metrics, whose help lists the registry's families when it is shown (importing the
+    metrics at every start would make `probekit --help` pay for torch)."""
+
+    def __init__(self, *args, command: str = "align", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.command = command
+
+    def get_help_record(self, ctx: click.Context):  # noqa: ANN201 - click's own type
+        from probekit.metrics import describe
+
+        self.help = (
+            "Comma-separated families, or variable names that select their family: "
+            f"{describe(self.command)}; or all."
+        )
+        return super().get_help_record(ctx)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="probekit")
 def cli() -> None:
     """Probe how language models come to share computation across languages,
     checkpoint by checkpoint (after Schäfer et al. 2024, arXiv 2404.07982)."""
+    # every command works offline: a mistaken hub lookup fails fast instead of hanging
+    for key, value in OFFLINE.items():
+        os.environ.setdefault(key, value)
 
 
 @cli.command()
@@ -100,15 +138,7 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
 
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option(
-    "--metrics",
-    default="all",
-    show_default=True,
-    help="Comma-separated families, or metric names that select their family: similarity "
-    "(hidden_cos, hidden_cos_centred, cka, retrieval_acc, linmap_r2, procrustes_r2), neurons "
-    "(neuron_overlap, lang_specific_frac), gradients (grad_cos), embeddings (embed_cos), probes "
-    "(probe_transfer), or all.",
-)
+@click.option("--metrics", cls=_MetricsOption, command="align", default="all", show_default=True)
 @click.option("--steps", default=None, help="Only these checkpoint steps, comma-separated.")
 @click.option("--recompute", is_flag=True, help="Recompute checkpoints already stored.")
 @click.option(
@@ -141,9 +171,7 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     default=None,
     help="Bootstrap interval level for similarity metrics, e.g. 0.95.",
 )
-@click.option(
-    "--workers", type=int, default=0, help="Spread checkpoints over this many local dask workers."
-)
+@_cluster_options
 @click.option(
     "--parallel",
     "parallel_files",
@@ -156,7 +184,7 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     default=None,
     help="Any HF checkpoint series: tokenizer folder (default: first checkpoint's).",
 )
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def align(
@@ -171,6 +199,7 @@ def align(
     grad_pairs,
     ci,
     workers,
+    scheduler,
     parallel_files,
     tokenizer,
     device,
@@ -181,12 +210,10 @@ def align(
 
     RUN_DIR is a probekit run, or any folder of Hugging Face checkpoint folders when
     --parallel gives two line-aligned texts."""
-    from probekit.analysis import AlignOptions
     from probekit.analysis import align as run_align
+    from probekit.options import AnalysisOptions
 
-    if ci is not None and not 0 < ci < 1:
-        raise click.BadParameter("--ci must be in (0, 1), e.g. 0.95")
-    opts = AlignOptions(
+    opts = AnalysisOptions(
         pair=tuple(pair.split(",")) if pair else None,
         n_pairs=n_pairs,
         seq_len=seq_len,
@@ -204,6 +231,7 @@ def align(
         recompute=recompute,
         options=opts,
         workers=workers,
+        scheduler=scheduler,
         progress=not quiet,
     )
     _print_final(cube, ["hidden_cos", "cka", "linmap_r2", "neuron_overlap"])
@@ -232,13 +260,19 @@ def _print_final(cube, names: list[str]) -> None:
     help="Scored tokens at the end of each window (default: stride).",
 )
 @click.option(
-    "--max-tokens", type=int, default=None, help="Score at most this many test tokens per language."
+    "--max-tokens",
+    type=int,
+    default=None,
+    help="Test tokens per language (default 65,536; 0 scores the whole split).",
 )
 @click.option("--recompute", is_flag=True, help="Recompute checkpoints already stored.")
-@click.option("--device", default="cpu", show_default=True)
-@click.option("--quiet", is_flag=True)
+@_cluster_options
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def eval_cmd(run_dir, steps, stride, tail, max_tokens, recompute, device, quiet) -> None:
+def eval_cmd(
+    run_dir, steps, stride, tail, max_tokens, recompute, workers, scheduler, device, quiet
+) -> None:
     """Test perplexity per language for every checkpoint (sliding window), stored as `ppl`."""
     from probekit.evaluation import evaluate
 
@@ -251,6 +285,8 @@ def eval_cmd(run_dir, steps, stride, tail, max_tokens, recompute, device, quiet)
         recompute=recompute,
         device=device,
         progress=not quiet,
+        workers=workers,
+        scheduler=scheduler,
     )
     last = cube.isel(step=-1)
     for lang in cube["language"].values:

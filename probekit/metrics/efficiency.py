@@ -34,6 +34,7 @@ import xarray as xr
 from scipy.optimize import OptimizeWarning, curve_fit
 
 from probekit.errors import MetricError
+from probekit.metrics.base import Family, Needs, Variable
 
 __all__ = [
     "Flagged",
@@ -356,3 +357,23 @@ def token_efficiency(
     if isinstance(reference, PowerLawFit):
         ds.attrs.update(a=reference.a, b=reference.b, c=reference.c)
     return ds
+
+
+class Efficiency(Family):
+    """Token efficiency against monolingual references (`probekit teff`): computed from the
+    stored perplexities of the run and its references, never from checkpoints."""
+
+    name = "efficiency"
+    command = "teff"
+    variables = (
+        Variable("teff", "token efficiency (TEff)"),
+        Variable("mlte", "monolingual token equivalent (MLTE)"),
+        Variable("mlte_frac", "MLTE as a fraction of the budget"),
+        Variable("mlpe", "monolingual perplexity equivalent (MLPE)"),
+        Variable("extrapolated", "outside the measured reference range"),
+        Variable("tokens_lang", "training tokens of the language"),
+    )
+    needs = Needs()
+
+    def applies(self, series) -> str | None:  # noqa: ANN001 - computed by teff, not the driver
+        return "token efficiency is computed by `probekit teff` from stored perplexities"

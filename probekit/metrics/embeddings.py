@@ -1,7 +1,9 @@
 """Embedding similarity between cloned tokens (paper §3.5, Figs. 6-7).
 
-Input embeddings are rows of ``transformer.wte.weight``; output embeddings are rows of
-``lm_head.weight`` (untied). ``pairs`` is the clone map of a language pair: an int array [n, 2]
+Input embeddings are rows of the model's input embedding matrix (``get_input_embeddings()``,
+GPT-2's ``transformer.wte``); output embeddings are rows of its output projection
+(``get_output_embeddings()``, ``lm_head``; for a tied model the same matrix).
+``pairs`` is the clone map of a language pair: an int array [n, 2]
 of (L1 id, L2 id) for every cloned id (shared ids excluded).
 
 Baseline ("all"): the mean cosine between an L1 row and the L2 row of a *different* token, over
@@ -18,14 +20,16 @@ import torch
 import xarray as xr
 
 from probekit.errors import MetricError
+from probekit.metrics.base import CheckpointContext, Family, Needs, Variable
+from probekit.series import Series
 
 
 def _matrices(model: torch.nn.Module) -> dict[str, np.ndarray]:
     try:
-        w_in = model.transformer.wte.weight
-        w_out = model.lm_head.weight
+        w_in = model.get_input_embeddings().weight
+        w_out = model.get_output_embeddings().weight
     except AttributeError as e:
-        raise MetricError("embedding similarity needs a transformers GPT2LMHeadModel") from e
+        raise MetricError("embedding similarity needs a Hugging Face causal LM") from e
     return {
         "input": w_in.detach().to("cpu", torch.float64).numpy(),
         "output": w_out.detach().to("cpu", torch.float64).numpy(),
@@ -212,3 +216,37 @@ def shared_token_stats(
             "excluded_ids": [int(i) for i in exclude_ids],
         },
     )
+
+
+class Embeddings(Family):
+    """Cosine between a cloned token's L1 and L2 embedding rows (input and output), against
+    different-token pairs, and binned by the token's training frequency."""
+
+    name = "embeddings"
+    variables = (
+        Variable("embed_cos", "clone embedding cosine"),
+        Variable("embed_cos_by_freq", "clone embedding cosine by token frequency"),
+    )
+    needs = Needs(weights=True)
+
+    def applies(self, series: Series) -> str | None:
+        if len(series.clone_pairs()) == 0:
+            return (
+                f"clone embedding similarity needs cloned languages; this run's "
+                f"{series.pair[0]}/{series.pair[1]} vocabularies are {series.vocab_mode}"
+            )
+        return None
+
+    def compute(self, ctx: CheckpointContext) -> xr.Dataset:
+        pairs = ctx.series.clone_pairs()
+        freq = ctx.series.token_frequency(pairs[:, 0])
+        return xr.merge(
+            [
+                embedding_similarity(ctx.model, pairs).to_dataset(name="embed_cos"),
+                embedding_similarity_by_freq(ctx.model, pairs, freq).to_dataset(
+                    name="embed_cos_by_freq"
+                ),
+            ],
+            compat="override",
+            join="outer",
+        )

@@ -42,6 +42,8 @@ import torch.nn.functional as F
 import xarray as xr
 
 from probekit.errors import MetricError
+from probekit.hooks import pad_batch
+from probekit.metrics.base import CheckpointContext, Family, Needs, Variable
 
 BLOCK_TENSORS = [
     "ln_1.weight",
@@ -441,3 +443,33 @@ def mean_paper_tensors(grad_cos: xr.DataArray) -> float:
     sub = grad_cos.sel(layer=grad_cos.layer >= 1, tensor=PAPER_TENSORS)
     val = float(sub.mean())
     return val if not math.isnan(val) else float("nan")
+
+
+class Gradients(Family):
+    """Cosine between the loss gradients of parallel L1 and L2 sequences, per parameter tensor
+    and layer; the final norm and head have their own `head_tensor` dimension."""
+
+    name = "gradients"
+    variables = (
+        Variable("grad_cos", "gradient cosine", _DEFINITION),
+        Variable("grad_cos_head", "gradient cosine of the final norm and head"),
+    )
+    needs = Needs(gradients=True)
+
+    def compute(self, ctx: CheckpointContext) -> xr.Dataset:
+        par = ctx.series.parallel
+        n = min(ctx.options.n_grad_pairs, len(par))
+        ids1, m1 = pad_batch(par.ids1[:n])
+        ids2, m2 = pad_batch(par.ids2[:n])
+        with torch.enable_grad():
+            da = gradient_alignment(ctx.model, ids1, m1, ids2, m2)
+        # the final norm and head sit at layer L+1 there; keep them out of the shared
+        # `layer` axis (0..L), where they would leave every other metric a NaN row
+        head = int(da["layer"].max())
+        ds = da.sel(layer=slice(0, head - 1)).to_dataset(name="grad_cos")
+        final = da.sel(layer=head).drop_vars("layer").dropna("tensor", how="all")
+        ds["grad_cos_head"] = final.rename(tensor="head_tensor")
+        ds["grad_cos_head"].attrs["definition"] = (
+            "gradient cosine of the final LayerNorm and LM head"
+        )
+        return ds

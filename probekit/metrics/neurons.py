@@ -23,6 +23,7 @@ import torch
 import xarray as xr
 
 from probekit.errors import MetricError
+from probekit.metrics.base import CheckpointContext, Family, Needs, PairBatch, Variable
 
 Selection = Literal["max_entropy", "top_rate", "top_rate_per_layer"]
 
@@ -234,3 +235,42 @@ class NeuronAccumulator:
         for v in ds.data_vars.values():
             v.attrs.update(params)
         return ds
+
+
+class _NeuronRun:
+    def __init__(self, ctx: CheckpointContext):
+        self.pair = ctx.series.pair
+        self.acc = NeuronAccumulator(
+            ctx.view.n_layers,
+            ctx.view.d_mlp,
+            languages=list(self.pair),
+            threshold=ctx.options.neuron_threshold,
+        )
+        self.top_k = max(1, int(round(ctx.options.neuron_top_frac * ctx.view.d_mlp)))
+
+    def update(self, batch: PairBatch) -> None:
+        self.acc.update(self.pair[0], batch.l1.mlp, batch.l1.mask)
+        self.acc.update(self.pair[1], batch.l2.mlp, batch.l2.mask)
+
+    def result(self) -> xr.Dataset:
+        return self.acc.result(top_k=self.top_k)
+
+
+class Neurons(Family):
+    """Which MLP neurons fire for which language (LAPE), and how much the languages' most
+    active neurons overlap, per block."""
+
+    name = "neurons"
+    variables = (
+        Variable("neuron_act_prob", "neuron activation probability"),
+        Variable("lape", "language activation probability entropy"),
+        Variable("lang_specific_frac", "language-specific neuron fraction"),
+        Variable("neuron_overlap", "top-k active neuron overlap (Jaccard)"),
+        Variable("neuron_overlap_coef", "top-k active neuron overlap coefficient"),
+        Variable("neuron_overlap_chance", "top-k neuron overlap expected by chance"),
+        Variable("n_tokens", "tokens seen per language"),
+    )
+    needs = Needs(activations=frozenset({"mlp"}))
+
+    def start(self, ctx: CheckpointContext) -> _NeuronRun:
+        return _NeuronRun(ctx)

@@ -25,8 +25,10 @@ import torch.nn.functional as F
 import xarray as xr
 
 from probekit.errors import MetricError
+from probekit.metrics.base import CheckpointContext, Family, Needs, Variable
+from probekit.series import DEFAULT_MAX_TOKENS, Series
 
-__all__ = ["sliding_window_nll", "perplexity", "perplexity_dataarray"]
+__all__ = ["sliding_window_nll", "perplexity", "perplexity_dataarray", "Perplexity"]
 
 
 def _plan_windows(n: int, window: int, stride: int, tail: int) -> list[tuple[int, int, int]]:
@@ -209,3 +211,44 @@ def perplexity_dataarray(results: Mapping[str, Mapping[str, Any]]) -> xr.Dataset
     )
     ds.attrs.update(params)
     return ds
+
+
+class Perplexity(Family):
+    """Each language's test perplexity (per token and per character), sliding window."""
+
+    name = "perplexity"
+    command = "eval"
+    variables = (
+        Variable("ppl", "test perplexity"),
+        Variable("ppl_char", "test perplexity per character"),
+        Variable("nll_tokens", "summed test NLL"),
+        Variable("n_tokens", "scored test tokens"),
+        Variable("n_chars", "characters of the scored test text"),
+    )
+    needs = Needs(test_tokens=True)
+
+    def applies(self, series: Series) -> str | None:
+        try:
+            series.test_texts()
+        except MetricError as exc:
+            return str(exc)
+        return None
+
+    def compute(self, ctx: CheckpointContext) -> xr.Dataset:
+        opts = ctx.options
+        results = {
+            lang: perplexity(
+                ctx.model,
+                ids,
+                chars,
+                window=ctx.series.context,
+                stride=opts.stride,
+                scored_tail=opts.tail,
+                device=opts.device,
+            )
+            for lang, (ids, chars) in ctx.series.test_texts().items()
+        }
+        ds = perplexity_dataarray(results)
+        limit = DEFAULT_MAX_TOKENS if opts.max_tokens is None else opts.max_tokens
+        ds["ppl"].attrs["max_tokens"] = int(limit)
+        return ds

@@ -27,6 +27,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from probekit.errors import MetricError
+from probekit.metrics.base import CheckpointContext, Family, Needs, PairBatch, Variable
 
 __all__ = [
     "WORD_START",
@@ -37,6 +38,7 @@ __all__ = [
     "TOKEN_CLASSES",
     "token_labels",
     "probe_transfer",
+    "Probes",
 ]
 
 # Token classes of token_labels()
@@ -219,3 +221,41 @@ def probe_transfer(
     ds.attrs.update(params)
     ds.attrs["definition"] = "cross-lingual linear-probe transfer per layer"
     return ds
+
+
+class _ProbeRun:
+    """Keeps each sequence's mean-pooled residual state per layer; fits at the end."""
+
+    def __init__(self, ctx: CheckpointContext):
+        self.labels = ctx.series.parallel.labels
+        self.pooled: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+
+    def update(self, batch: PairBatch) -> None:
+        for a, dst in zip((batch.l1, batch.l2), self.pooled, strict=True):
+            m = a.mask[None, :, :, None].float()
+            dst.append(((a.resid * m).sum(2) / m.sum(2)).numpy())
+
+    def result(self) -> xr.Dataset:
+        f1, f2 = (np.concatenate(p, axis=1) for p in self.pooled)
+        return probe_transfer(f1, self.labels, f2, self.labels, seed=0, paired=True)
+
+
+class Probes(Family):
+    """A linear probe of the parallel text's book label, fitted on one language's pooled states
+    and scored on the other's, per layer."""
+
+    name = "probes"
+    variables = (
+        Variable("probe_transfer", "cross-language probe accuracy"),
+        Variable("probe_in_language", "in-language probe accuracy"),
+        Variable("probe_chance", "probe majority-class accuracy"),
+    )
+    needs = Needs(activations=frozenset({"resid"}))
+
+    def applies(self, series) -> str | None:  # noqa: ANN001 - a probekit.series.Series
+        if series.mode == "external":
+            return "probes need labelled parallel data (the shipped Bible books); none here"
+        return None
+
+    def start(self, ctx: CheckpointContext) -> _ProbeRun:
+        return _ProbeRun(ctx)

@@ -75,6 +75,7 @@ import xarray as xr
 from scipy.optimize import linear_sum_assignment
 
 from probekit.errors import MetricError
+from probekit.metrics.base import CheckpointContext, Family, Needs, PairBatch, Variable
 
 METRICS = (
     "hidden_cos",
@@ -697,3 +698,50 @@ def _retrieval_boot(
             hit = (f @ present) == 0  # [L, n, r]
             accs.append(np.einsum("lnr,nr->rl", hit, cnt.astype(np.float64)) / n)
         yield from np.stack(accs, -1)
+
+
+# ----------------------------------------------------------------------------- the family
+
+_TITLES = {
+    "hidden_cos": "hidden-state cosine",
+    "hidden_cos_centred": "centred hidden-state cosine",
+    "cka": "linear CKA (debiased)",
+    "cka_biased": "linear CKA (biased)",
+    "retrieval_acc": "parallel-sentence retrieval accuracy",
+    "linmap_r2": "linear-map R²",
+    "procrustes_r2": "Procrustes R²",
+}
+
+
+class _SimilarityRun:
+    def __init__(self, ctx: CheckpointContext):
+        par, opts = ctx.series.parallel, ctx.options
+        self.acc = SimilarityAccumulator(
+            ctx.view.n_layers + 1,
+            ctx.view.d_model,
+            metrics=METRICS,
+            aligned=par.aligned,
+            n_groups=20 if opts.ci else None,
+        )
+        self.ci, self.n_boot = opts.ci, opts.n_boot
+
+    def update(self, batch: PairBatch) -> None:
+        idx = torch.as_tensor(batch.index)
+        self.acc.update(batch.l1.resid, batch.l1.mask, batch.l2.resid, batch.l2.mask, idx)
+        other = batch.l2_other
+        self.acc.update_baseline(batch.l1.resid, batch.l1.mask, other.resid, other.mask, idx)
+
+    def result(self) -> xr.Dataset:
+        return self.acc.result(ci=self.ci, n_boot=self.n_boot, seed=0)
+
+
+class Similarity(Family):
+    """Per-layer similarity of the two languages' hidden states on parallel text, with the
+    different-text baseline (`*_baseline`) and optional bootstrap intervals (`*_lo`, `*_hi`)."""
+
+    name = "similarity"
+    variables = tuple(Variable(m, _TITLES[m], _DEFINITIONS[m]) for m in (*METRICS, "cka_biased"))
+    needs = Needs(activations=frozenset({"resid"}), baseline=True)
+
+    def start(self, ctx: CheckpointContext) -> _SimilarityRun:
+        return _SimilarityRun(ctx)

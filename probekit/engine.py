@@ -1,0 +1,221 @@
+"""The one driver behind every command that reads checkpoints (`align`, `eval`, ...).
+
+It owns checkpoint selection, skip / recompute, the progress bar, dask (a local cluster or
+an existing scheduler) and torchrun, and the run attributes. For each checkpoint it loads
+the model once, runs the one-call families, then streams the parallel pairs through one
+TransformerBridge in batches — one forward per language and batch for every activation
+family together (plus the different-text baseline when a family asks for it) — and hands
+each family's step-less Dataset to the store. The series and its parallel and test data
+are built once per process. Checkpoints are independent: a failure keeps every result
+already written.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+
+from probekit import store
+from probekit.checkpoints import CheckpointInfo, load_checkpoint, select_checkpoints
+from probekit.errors import MetricError, ProbekitError, RunDirError
+from probekit.hooks import load_bridge, pad_batch, run_activations
+from probekit.metrics import FAMILIES, CheckpointContext, Family, PairBatch
+from probekit.model_view import ModelView
+from probekit.options import AnalysisOptions
+from probekit.series import Series, cached_series
+
+SCHEDULER_ENV = "PROBEKIT_DASK_SCHEDULER"
+
+
+def run(
+    path: str | Path,
+    families: Sequence[Family],
+    steps: list[int] | None = None,
+    recompute: bool = False,
+    options: AnalysisOptions | None = None,
+    workers: int = 0,
+    scheduler: str | None = None,
+    progress: bool = True,
+    explicit: bool = False,
+    label: str = "align",
+) -> xr.Dataset:
+    """Compute `families` for every (or the chosen) checkpoint of a series; return its cube.
+
+    Stored checkpoints are skipped unless `recompute`. A family the series cannot have is an
+    error when `explicit` (the user named it), else skipped with a one-line note. `workers`
+    spreads checkpoints over a local dask cluster, `scheduler` (or $PROBEKIT_DASK_SCHEDULER)
+    over an existing one; under torchrun each rank takes its share of the checkpoints.
+    """
+    opts = (options or AnalysisOptions()).validated()
+    path = Path(path)
+    _steady_heap()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise MetricError(f"--workers: expected an integer >= 0, got {workers!r}")
+    if opts.device.startswith("cuda") and _world() > 1:  # a GPU per torchrun rank
+        opts = opts.updated(device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}")
+    if path.is_dir():
+        store.check_version(path)
+    series = cached_series(path, opts)
+    todo: list[Family] = []
+    for fam in families:
+        why = fam.applies(series)
+        if why is None:
+            todo.append(fam)
+        elif explicit:
+            raise MetricError(why)
+        else:
+            print(f"note: skipping {fam.name}: {why}")
+    parallel = any(_needs_parallel(f) for f in todo)
+    if parallel:
+        _ = series.parallel  # fail before any checkpoint is loaded
+    ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
+    if _world() > 1:
+        ckpts = ckpts[int(os.environ.get("RANK", 0)) :: _world()]
+    # --recompute overwrites each step as its new result arrives: a failure keeps the old one
+    done = {f.name: set() if recompute else set(store.stored_steps(path, f.name)) for f in todo}
+    jobs = [(c, [f.name for f in todo if c.step not in done[f.name]]) for c in ckpts]
+    jobs = [(c, names) for c, names in jobs if names]
+    attrs = series.attrs(parallel) | {"analysis_options": str(opts.describe())}
+
+    def save(info: CheckpointInfo, result: dict[str, xr.Dataset]) -> None:
+        for name, ds in result.items():
+            store.write_step(path, name, ds, info.step, info.tokens, attrs)
+
+    scheduler = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    if jobs and (workers or scheduler):
+        _run_dask(path, jobs, opts, workers, scheduler, save, progress, label)
+    elif jobs:
+        from tqdm.auto import tqdm
+
+        for info, names in tqdm(
+            jobs, desc=f"{label} {series.name}", unit="ckpt", disable=not progress
+        ):
+            save(info, compute_checkpoint(path, info.step, names, opts))
+    elif progress:
+        print(f"{path}: every selected checkpoint already stored (use --recompute to redo)")
+    return store.open_cube(path)
+
+
+def compute_checkpoint(
+    path: str | Path, step: int, names: list[str], options: AnalysisOptions
+) -> dict[str, xr.Dataset]:
+    """The named families for one checkpoint -> {family: Dataset}. Runs in any process."""
+    _steady_heap()
+    series = cached_series(Path(path), options)
+    info = next((c for c in series.checkpoints() if c.step == step), None)
+    if info is None:
+        raise RunDirError(f"{path}: no checkpoint for step {step}")
+    fams = [FAMILIES[n] for n in names]
+    model = load_checkpoint(info, device=options.device)
+    series.check_model(model, info)
+    ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options)
+    # one-call families first: booting the bridge rewraps the model's modules in place
+    out = {f.name: f.compute(ctx) for f in fams if not f.streamed}
+    streamed = [f for f in fams if f.streamed]
+    if streamed:
+        out |= _stream_pairs(ctx, streamed)
+    del model, ctx
+    gc.collect()  # one checkpoint at a time: memory stays flat over a long series
+    return out
+
+
+@torch.no_grad()
+def _stream_pairs(ctx: CheckpointContext, families: list[Family]) -> dict[str, xr.Dataset]:
+    """One pass over the parallel pairs feeds every activation family's accumulator."""
+    series, opts, view = ctx.series, ctx.options, ctx.view
+    kinds = set().union(*(f.needs.activations for f in families))
+    baseline = any(f.needs.baseline for f in families)
+    runs = {f.name: f.start(ctx) for f in families}
+    bridge = load_bridge(ctx.model, series.tokenizer, view, device=opts.device)
+    par = series.parallel
+    shifted2 = par.ids2[1:] + par.ids2[:1]  # different-text baseline: pair i with i + 1
+
+    resid, mlp = "resid" in kinds, "mlp" in kinds
+    for start in range(0, len(par), opts.batch_size):
+        idx = np.arange(start, min(start + opts.batch_size, len(par)))
+        batch = PairBatch(
+            idx,
+            run_activations(bridge, *pad_batch([par.ids1[i] for i in idx]), view, resid, mlp),
+            run_activations(bridge, *pad_batch([par.ids2[i] for i in idx]), view, resid, mlp),
+            run_activations(bridge, *pad_batch([shifted2[i] for i in idx]), view)
+            if baseline
+            else None,
+        )
+        for acc in runs.values():
+            acc.update(batch)
+    return {name: acc.result() for name, acc in runs.items()}
+
+
+def _steady_heap() -> None:
+    """Keep glibc from growing its mmap threshold, so big per-batch float64 temporaries are
+    returned to the OS instead of fragmenting the heap under the small arrays that stay alive
+    (without this, peak RSS grew with the number of pairs while the data did not)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD: a fixed value disables the adaptation
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
+
+
+def _needs_parallel(family: Family) -> bool:
+    n = family.needs
+    return bool(n.activations) or n.gradients or n.baseline
+
+
+def _world() -> int:
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _run_dask(
+    path: Path,
+    jobs: list,
+    opts: AnalysisOptions,
+    workers: int,
+    scheduler: str | None,
+    save: Callable,
+    progress: bool,
+    label: str,
+) -> None:
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise ProbekitError(
+            "--workers/--scheduler need dask.distributed: pip install 'dask[distributed]'"
+        ) from None
+    from tqdm.auto import tqdm
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="10s")
+        except (OSError, TimeoutError) as exc:
+            raise ProbekitError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+        cluster = None
+    else:
+        cluster = LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        )
+        client = Client(cluster)
+    try:
+        futures = {
+            client.submit(compute_checkpoint, path, info.step, names, opts, pure=False): info
+            for info, names in jobs
+        }
+        for fut in tqdm(
+            as_completed(futures), total=len(futures), desc=label, disable=not progress
+        ):
+            save(futures[fut], fut.result())  # the driver writes: one writer, results as they come
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+__all__ = ["run", "compute_checkpoint", "Series", "SCHEDULER_ENV"]

@@ -1,0 +1,94 @@
+"""The analysis driver's options, typed and validated in one place.
+
+`align`, `eval` and the sweep build one `AnalysisOptions`; `validated()` turns every bad
+value into a one-line `OptionError` naming the option, before anything is read or written.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, fields, replace
+
+from probekit.errors import ProbekitError
+
+
+class OptionError(ProbekitError):
+    """An analysis option is malformed or out of range."""
+
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """What the analysis commands compute and how; CLI flags in brackets."""
+
+    pair: tuple[str, str] | None = None  # languages compared [--pair]; default the first two
+    n_pairs: int = 64  # parallel pairs per checkpoint [--pairs]
+    seq_len: int | None = None  # tokens per sequence [--seq-len]; default min(context, 128)
+    batch_size: int = 16  # pairs per forward batch [--batch-size]
+    n_grad_pairs: int = 16  # pairs for gradient alignment [--grad-pairs]
+    ci: float | None = None  # bootstrap interval level, e.g. 0.95 [--ci]
+    n_boot: int = 1000  # bootstrap replicates
+    device: str = "cpu"  # cpu, cuda or cuda:N [--device]
+    neuron_threshold: float = 0.0  # an MLP neuron "fires" above this activation
+    neuron_top_frac: float = 0.1  # top-k neuron sets: this fraction of d_mlp
+    parallel_files: tuple[str, str] | None = None  # any HF series: two line-aligned texts
+    tokenizer: str | None = None  # any HF series: tokenizer folder (default: first checkpoint)
+    # perplexity (eval)
+    stride: int | None = None  # window stride [--stride]; default context / 4
+    tail: int | None = None  # scored tokens at the end of each window [--tail]; default stride
+    max_tokens: int | None = None  # test tokens per language [--max-tokens]; 0: all
+
+    def validated(self) -> AnalysisOptions:
+        """This object if every value is usable; raises OptionError naming the first bad one."""
+        for name, lo in (("n_pairs", 4), ("batch_size", 1), ("n_grad_pairs", 1), ("n_boot", 1)):
+            _int(getattr(self, name), name, lo)
+        for name, lo in (("seq_len", 2), ("stride", 1), ("tail", 1), ("max_tokens", 0)):
+            if getattr(self, name) is not None:
+                _int(getattr(self, name), name, lo)
+        if self.ci is not None and not (_is_number(self.ci) and 0 < self.ci < 1):
+            raise OptionError(f"--ci: expected a level in (0, 1) such as 0.95, got {self.ci!r}")
+        if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
+            raise OptionError(f"--device: expected cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise OptionError(f"--device: {self.device} requested but no CUDA device")
+        if not _is_number(self.neuron_threshold) or math.isnan(self.neuron_threshold):
+            raise OptionError(f"neuron_threshold: expected a number, got {self.neuron_threshold!r}")
+        if not (_is_number(self.neuron_top_frac) and 0 < self.neuron_top_frac <= 1):
+            raise OptionError(
+                f"neuron_top_frac: expected a fraction in (0, 1], got {self.neuron_top_frac!r}"
+            )
+        if self.pair is not None and (len(self.pair) != 2 or self.pair[0] == self.pair[1]):
+            raise OptionError(f"--pair: expected two different languages, got {self.pair!r}")
+        if self.parallel_files is not None and len(self.parallel_files) != 2:
+            raise OptionError("--parallel: expected two line-aligned files (L1 L2)")
+        return self
+
+    def updated(self, **changes: object) -> AnalysisOptions:
+        return replace(self, **changes)
+
+    def describe(self) -> dict[str, object]:
+        """The options as stored in the cube's attributes."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _int(value: object, name: str, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise OptionError(f"{_flag(name)}: expected an integer >= {lo}, got {value!r}")
+    return value
+
+
+_FLAGS = {"n_pairs": "--pairs", "n_grad_pairs": "--grad-pairs", "n_boot": "n_boot"}
+
+
+def _flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
