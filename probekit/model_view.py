@@ -21,11 +21,36 @@ class _Arch:
     d_mlp: str | None  # None: 4 x d_model
     context: str | None  # None: no learned/rotary limit recorded (ALiBi)
     blocks: str  # module path of the block list
+    final_norm: str  # module path of the norm before the unembedding
 
 
-# Hugging Face config.model_type -> where its sizes and blocks are.
+_LLAMA_LIKE = _Arch(
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "max_position_embeddings",
+    "model.layers",
+    "model.norm",
+)
+
+# Hugging Face config.model_type -> where its sizes and modules are.
 ARCHITECTURES: dict[str, _Arch] = {
-    "gpt2": _Arch("n_layer", "n_embd", "n_inner", "n_positions", "transformer.h"),
+    "gpt2": _Arch(
+        "n_layer", "n_embd", "n_inner", "n_positions", "transformer.h", "transformer.ln_f"
+    ),
+    "gpt_neox": _Arch(
+        "num_hidden_layers",
+        "hidden_size",
+        "intermediate_size",
+        "max_position_embeddings",
+        "gpt_neox.layers",
+        "gpt_neox.final_layer_norm",
+    ),
+    "llama": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,
+    "olmo": _LLAMA_LIKE,
+    "olmo2": _LLAMA_LIKE,
+    "bloom": _Arch("n_layer", "hidden_size", None, None, "transformer.h", "transformer.ln_f"),
 }
 
 
@@ -40,6 +65,7 @@ class ModelView:
     context: int | None
     vocab_size: int
     blocks: str  # module path of the block list, e.g. transformer.h
+    final_norm_path: str  # module path of the final norm, e.g. transformer.ln_f
 
     @classmethod
     def from_config(cls, config: Any) -> ModelView:
@@ -61,6 +87,7 @@ class ModelView:
             context=int(context) if context else None,
             vocab_size=int(config.vocab_size),
             blocks=spec.blocks,
+            final_norm_path=spec.final_norm,
         )
 
     @property
@@ -90,6 +117,19 @@ class ModelView:
             if lay is not None:
                 groups[lay].append(name)
         return groups
+
+    def final_norm(self, model: Any) -> Any:
+        """The norm the last residual stream passes through before the unembedding."""
+        return model.get_submodule(self.final_norm_path)
+
+    def unembedding(self, model: Any) -> Any:
+        """The output projection (the LM head; the input embedding where weights are tied)."""
+        return model.get_output_embeddings()
+
+    def decode(self, model: Any, resid: Any) -> Any:
+        """Logits of residual states [..., d_model] through the model's own final norm and
+        unembedding (the logit lens; at the last layer, the model's own logits)."""
+        return self.unembedding(model)(self.final_norm(model)(resid))
 
     def check_bridge(self, bridge: Any) -> None:
         """The booted bridge must see the same shape as the config did."""

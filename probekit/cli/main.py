@@ -410,7 +410,7 @@ def report(run_dirs, out, title, sweep_table) -> None:
 def demo(out, full) -> None:
     """Train cloned 50/50 and 90/10 runs plus monolingual references, analyse them,
     and write the report. Finished work is reused."""
-    from probekit.demo import run_demo
+    from probekit.demos import run_demo
 
     run_demo(out, full=full)
 
