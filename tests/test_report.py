@@ -298,7 +298,10 @@ def test_findings_follow_the_numbers(runs) -> None:
     changed["p10"]["linmap_r2"] = changed["p10"]["linmap_r2"] - 50.0
     lin3 = next(f for f in compute_findings(changed)[1] if f.var == "linmap_r2")
     assert lin3.comparison == "lower" and "is lower than" in lin3.sentence
-    assert f"above its different-text baseline in {groups2[1].label.lower()} only" in lin3.sentence.lower()
+    assert (
+        f"above its different-text baseline in {groups2[1].label.lower()} only"
+        in lin3.sentence.lower()
+    )
 
 
 def test_findings_use_the_sweep_table_control(runs) -> None:
@@ -317,12 +320,13 @@ def test_findings_use_the_sweep_table_control(runs) -> None:
     assert _cells(groups, rows)["TEff of EN2"][groups[0].label] == "3.500 (2.000; 1.750)"
 
 
-LOG_STEPS = [0, 1, 3, 8, 20, 50, 130, 260, 390]
+# The demo's plan: log-spaced early, linear later, and the last step one after the previous.
+LOG_STEPS = [0, 1, 3, 8, 23, 65, 130, 195, 260, 325, 390, 391]
 
 
 def test_checkpoints_placed_by_tokens(runs) -> None:
     ds = make_cube("log", 0.1, 3).isel(step=[0, 1, 2])
-    ds = xr.concat([ds] * 3, dim="step").isel(step=slice(0, len(LOG_STEPS)))
+    ds = xr.concat([ds] * 4, dim="step").isel(step=slice(0, len(LOG_STEPS)))
     ds = ds.assign_coords(step=LOG_STEPS, tokens=("step", [s * 2560.0 for s in LOG_STEPS]))
     spec = similarity_heatmap({"log": ds}, "cka").to_dict()
     enc = spec["spec"]["encoding"]

@@ -242,11 +242,16 @@ def _shown(chart: Any, names: Sequence[str]) -> Any:
     return chart.add_params(alt.param(name=SHOWN, value=list(names))).transform_filter(SHOWN_FILTER)
 
 
+# Each tick formatted on its own (an axis `format` shares one SI prefix: "0M, 0M, 0.1M").
+_SI_LABEL = "format(datum.value, '~s')"
+
+
 def token_scale(tokens: Sequence[float] | np.ndarray) -> dict[str, Any]:
     """How to place checkpoints by training tokens: linear, or symlog for log-spaced plans.
 
     A checkpoint plan is taken as log-spaced when its nonzero token counts span a factor of 20
-    or more and its last gap is at least 5 times its first. The symlog scale's constant is
+    or more and its widest gap is at least 5 times its first (plans that are log-spaced early
+    and linear later, like the demo's, count as log-spaced). The symlog scale's constant is
     the smallest nonzero count, so step 0 (0 tokens) sits one short gap left of it.
     Returns {"log": bool, "constant": float, "scale": alt.Scale, "axis": alt.Axis}.
     """
@@ -255,13 +260,13 @@ def token_scale(tokens: Sequence[float] | np.ndarray) -> dict[str, Any]:
     log = False
     if len(pos) >= 3:
         gaps = np.diff(pos)
-        log = pos[-1] / pos[0] >= 20 and gaps[-1] >= 5 * gaps[0]
+        log = pos[-1] / pos[0] >= 20 and gaps.max() >= 5 * gaps[0]
     if not log:
         return {
             "log": False,
             "constant": 1.0,
             "scale": alt.Scale(zero=bool(len(t) and t.min() == 0)),
-            "axis": alt.Axis(format="~s", title="training tokens"),
+            "axis": alt.Axis(labelExpr=_SI_LABEL, title="training tokens"),
         }
     c = float(pos[0])
     ticks = [0.0] if t.min() == 0 else []
@@ -276,7 +281,7 @@ def token_scale(tokens: Sequence[float] | np.ndarray) -> dict[str, Any]:
         "constant": c,
         "scale": alt.Scale(type="symlog", constant=c),
         "axis": alt.Axis(
-            format="~s", values=ticks, title="training tokens (log scale; 0 at the left)"
+            labelExpr=_SI_LABEL, values=ticks, title="training tokens (log scale; 0 at the left)"
         ),
     }
 
