@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,21 +26,65 @@ def _hf_tokenizer(tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)  # HF tokenizer or tokenizers'
+    vocab = backend.get_vocab()
+    special = {"pad_token": "<pad>", "eos_token": "<|endoftext|>"}
+    # a foreign vocabulary keeps its own specials: no token is added to it
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<|endoftext|>"
+        tokenizer_object=backend, **{k: v for k, v in special.items() if v in vocab}
     )
 
 
-def load_bridge(model: torch.nn.Module, tokenizer, view: ModelView, device: str = "cpu"):
+def load_bridge(
+    model: torch.nn.Module,
+    tokenizer,
+    view: ModelView,
+    device: str = "cpu",
+    path: str | Path | None = None,
+):
     """Wrap an in-memory HF causal LM in a TransformerBridge, offline, and check that it
-    sees the shape the model view expects."""
+    sees the shape the model view expects.
+
+    The bridge picks its adapter from `config.architectures` and reads
+    `config.name_or_path`; a model built in memory (not read from a folder) has neither, so
+    both are filled in from the model's class and `path` first. Should the in-memory boot
+    still fail and `path` (the checkpoint folder) be known, the bridge boots from the folder
+    (GPT-2, GPT-NeoX, Llama, Qwen2, OLMo, OLMo 2, BLOOM boot either way). `path` defaults
+    to the folder the model was read from.
+    """
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(
-        "local", hf_model=model, tokenizer=_hf_tokenizer(tokenizer), device=device
-    )
+    config = model.config
+    if path is None and getattr(config, "name_or_path", None):
+        path = config.name_or_path if Path(config.name_or_path).is_dir() else None
+    if not getattr(config, "architectures", None):
+        config.architectures = [type(model).__name__]
+    if not getattr(config, "name_or_path", None):
+        config.name_or_path = str(path) if path else "local"
+    try:
+        bridge = TransformerBridge.boot_transformers(
+            "local", hf_model=model, tokenizer=_hf_tokenizer(tokenizer), device=device
+        )
+    except Exception as exc:  # noqa: BLE001 - any failure: try the folder, else one line
+        if path is None:
+            raise _boot_error(config, exc) from None
+        try:
+            bridge = TransformerBridge.boot_transformers(str(path), device=device)
+        except Exception as exc2:  # noqa: BLE001
+            raise _boot_error(config, exc2) from None
     view.check_bridge(bridge)
     return bridge
+
+
+def _boot_error(config, exc: Exception) -> Exception:
+    from probekit.errors import RunDirError
+    from probekit.model_view import ARCHITECTURES
+
+    first = (str(exc).strip().splitlines() or [""])[0][:160]
+    return RunDirError(
+        f"the TransformerBridge cannot boot architecture "
+        f"{getattr(config, 'model_type', None)!r} ({type(exc).__name__}: {first}); "
+        f"supported: {', '.join(sorted(ARCHITECTURES))}"
+    )
 
 
 @dataclass

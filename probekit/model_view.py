@@ -54,6 +54,92 @@ ARCHITECTURES: dict[str, _Arch] = {
 }
 
 
+# Canonical parameter-tensor names across architectures (the gradient family's `tensor`
+# coordinate). Block-relative module path -> canonical module name; a parameter keeps its
+# suffix (`.weight`, `.bias`): Llama's `self_attn.q_proj.weight` is `attn.q.weight`. A fused
+# QKV projection (GPT-NeoX, BLOOM: heads x (q, k, v) x head_dim output rows) is reported whole
+# as `attn.qkv` and split into `attn.q` / `attn.k` / `attn.v`. Modules outside blocks map the
+# full path. A parameter no table names keeps its raw name (nothing is dropped). GPT-2 keeps
+# its own names (`ln_1`, `attn.c_attn`, ...) through the gradient family's fast path.
+_LLAMA_TENSORS = {
+    "self_attn.q_proj": "attn.q",
+    "self_attn.k_proj": "attn.k",
+    "self_attn.v_proj": "attn.v",
+    "self_attn.o_proj": "attn.o",
+    "self_attn.q_norm": "attn.q_norm",
+    "self_attn.k_norm": "attn.k_norm",
+    "mlp.gate_proj": "mlp.gate",
+    "mlp.up_proj": "mlp.in",
+    "mlp.down_proj": "mlp.out",
+    "input_layernorm": "norm1",
+    "post_attention_layernorm": "norm2",
+}
+_LLAMA_OUTSIDE = {"model.embed_tokens": "embed", "model.norm": "norm_f", "lm_head": "lm_head"}
+CANONICAL_TENSORS: dict[str, tuple[dict[str, str], dict[str, str], tuple[str, ...]]] = {
+    # arch: (block modules, modules outside blocks, fused QKV modules split per head)
+    "gpt2": (
+        {
+            "ln_1": "norm1",
+            "attn.c_attn": "attn.qkv",
+            "attn.c_proj": "attn.o",
+            "ln_2": "norm2",
+            "mlp.c_fc": "mlp.in",
+            "mlp.c_proj": "mlp.out",
+        },
+        {
+            "transformer.wte": "embed",
+            "transformer.wpe": "pos_embed",
+            "transformer.ln_f": "norm_f",
+            "lm_head": "lm_head",
+        },
+        (),
+    ),
+    "gpt_neox": (
+        {
+            "input_layernorm": "norm1",
+            "post_attention_layernorm": "norm2",
+            "attention.query_key_value": "attn.qkv",
+            "attention.dense": "attn.o",
+            "mlp.dense_h_to_4h": "mlp.in",
+            "mlp.dense_4h_to_h": "mlp.out",
+        },
+        {
+            "gpt_neox.embed_in": "embed",
+            "gpt_neox.final_layer_norm": "norm_f",
+            "embed_out": "lm_head",
+        },
+        ("attention.query_key_value",),
+    ),
+    "llama": (_LLAMA_TENSORS, _LLAMA_OUTSIDE, ()),
+    "qwen2": (_LLAMA_TENSORS, _LLAMA_OUTSIDE, ()),
+    "olmo": (_LLAMA_TENSORS, _LLAMA_OUTSIDE, ()),
+    # OLMo 2 normalises each sublayer's output: its two norms are the blocks' only norms
+    "olmo2": (
+        _LLAMA_TENSORS
+        | {"post_attention_layernorm": "norm1", "post_feedforward_layernorm": "norm2"},
+        _LLAMA_OUTSIDE,
+        (),
+    ),
+    "bloom": (
+        {
+            "input_layernorm": "norm1",
+            "post_attention_layernorm": "norm2",
+            "self_attention.query_key_value": "attn.qkv",
+            "self_attention.dense": "attn.o",
+            "mlp.dense_h_to_4h": "mlp.in",
+            "mlp.dense_4h_to_h": "mlp.out",
+        },
+        {
+            "transformer.word_embeddings": "embed",
+            "transformer.word_embeddings_layernorm": "embed_norm",
+            "transformer.ln_f": "norm_f",
+            "lm_head": "lm_head",
+        },
+        ("self_attention.query_key_value",),
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ModelView:
     """Layers, widths, hook names and per-layer parameter groups of one checkpoint."""
@@ -117,6 +203,23 @@ class ModelView:
             if lay is not None:
                 groups[lay].append(name)
         return groups
+
+    def canonical(self, parameter: str) -> tuple[int, str, bool]:
+        """(layer, canonical tensor name, fused QKV?) of a model parameter: layer 0 for the
+        embeddings, 1..L for block l, L + 1 for the final norm and the head."""
+        block, outside, fused = CANONICAL_TENSORS.get(self.arch, ({}, {}, ()))
+        lay = self.layer_of(parameter)
+        if lay is not None:
+            rel = parameter[len(self.blocks) + 1 :].split(".", 1)[1]
+            mods = block
+        else:
+            rel, mods = parameter, outside
+        module, _, suffix = rel.rpartition(".")
+        name = mods.get(module)
+        if lay is None:
+            head = name in ("norm_f", "lm_head") or module == self.final_norm_path
+            lay = self.n_layers + 1 if head else 0
+        return lay, (f"{name}.{suffix}" if name else rel), module in fused
 
     def final_norm(self, model: Any) -> Any:
         """The norm the last residual stream passes through before the unembedding."""

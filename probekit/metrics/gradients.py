@@ -75,8 +75,8 @@ _DEFINITION = (
 def _check_model(model: torch.nn.Module) -> None:
     if not hasattr(model, "transformer") or not hasattr(model, "lm_head"):
         raise MetricError("gradient alignment needs a transformers GPT2LMHeadModel")
-    if model.lm_head.weight is model.transformer.wte.weight:
-        raise MetricError("gradient alignment assumes an untied lm_head; this model ties it")
+    # a tied lm_head is fine: the hooks see the input use (wte's output) and the output use
+    # (lm_head's input) of the shared matrix separately, reported as wte.weight / lm_head.weight
     known = {
         f"transformer.h.{lay}.{t}" for lay in range(len(model.transformer.h)) for t in BLOCK_TENSORS
     }
@@ -435,6 +435,136 @@ def gradient_alignment(
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# Any architecture: explicit per-sequence gradients
+
+
+@contextmanager
+def _untied(model: torch.nn.Module):
+    """Give a tied output projection its own copy of the matrix for the duration, so the
+    gradients of its input use and its output use are told apart; restored afterwards."""
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if out is None or inp is None or out.weight is not inp.weight:
+        yield False
+        return
+    shared = out.weight
+    out.weight = torch.nn.Parameter(shared.detach().clone())
+    try:
+        yield True
+    finally:
+        out.weight = shared
+
+
+def _n_heads(config) -> int:  # noqa: ANN001 - a transformers config
+    for key in ("num_attention_heads", "n_head"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise MetricError("cannot split the fused QKV projection: the config names no head count")
+
+
+def _sequence_grads(model, params, ids: torch.Tensor, mask: torch.Tensor) -> list[torch.Tensor]:
+    """The loss gradient of one sequence (its real tokens only) for every parameter."""
+    real = ids[mask.bool()][None]
+    loss = _seq_losses(model, real, torch.ones_like(real, dtype=torch.bool))[0]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params, strict=True)]
+
+
+def gradient_alignment_general(
+    model: torch.nn.Module,
+    view,  # noqa: ANN001 - a probekit.model_view.ModelView
+    ids1: torch.Tensor,
+    mask1: torch.Tensor,
+    ids2: torch.Tensor,
+    mask2: torch.Tensor,
+) -> xr.DataArray:
+    """``grad_cos`` (layer 0..L+1, tensor) for any causal LM the model view knows: two
+    backward passes per pair (one per sequence), exact, float64 inner products.
+
+    ``tensor`` holds canonical names (``attn.q.weight``, ``mlp.gate.weight``, ``norm1.weight``,
+    ..., see ``probekit.model_view.CANONICAL_TENSORS``) plus ``block``; the coordinate ``raw``
+    gives each one's parameter name in the model (block-relative inside blocks). A fused QKV
+    projection is reported whole (``attn.qkv``) and split per head into q, k, v. With tied
+    embeddings ``embed.weight`` is the gradient through the input use and ``lm_head.weight``
+    through the output use of the one shared matrix.
+    """
+    _check_inputs(ids1, mask1, ids2, mask2)
+    n_heads = None
+    stats: dict[tuple[int, str], list[list[float]]] = {}
+    raw: dict[str, str] = {}
+    with _eval_mode(model), _untied(model) as tied:
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        keys = [view.canonical(n) for n, _ in named]
+        params = [p for _, p in named]
+        for (lay, canon, _), (name, _) in zip(keys, named, strict=True):
+            raw.setdefault(canon, name if lay in (0, view.n_layers + 1) else _block_rel(name))
+        for i in range(ids1.shape[0]):
+            g1 = _sequence_grads(model, params, ids1[i], mask1[i])
+            g2 = _sequence_grads(model, params, ids2[i], mask2[i])
+            block: dict[int, list[float]] = {}
+            for (lay, canon, fused), (name, _), a, b in zip(keys, named, g1, g2, strict=True):
+                dots = _dots64(a, b)
+                _add(stats, (lay, canon), dots)
+                acc = block.setdefault(lay, [0.0, 0.0, 0.0])
+                for j in range(3):
+                    acc[j] += dots[j]
+                if fused:
+                    n_heads = n_heads or _n_heads(model.config)
+                    kind = canon.rsplit(".", 1)[1]
+                    pa = a.reshape(n_heads, 3, -1, *a.shape[1:])
+                    pb = b.reshape(n_heads, 3, -1, *b.shape[1:])
+                    for j, part in enumerate("qkv"):
+                        key = f"attn.{part}.{kind}"
+                        raw.setdefault(key, f"{_block_rel(name)}[{part}]")
+                        _add(stats, (lay, key), _dots64(pa[:, j], pb[:, j]))
+            for lay, dots in block.items():
+                _add(stats, (lay, "block"), dots)
+            del g1, g2
+    merged = {k: [np.asarray(x) for x in v] for k, v in stats.items()}
+    cos = _finish(merged)
+    tensors = list(dict.fromkeys(t for _, t in cos if t != "block")) + ["block"]
+    data = np.full((view.n_layers + 2, len(tensors)), np.nan)
+    for (lay, t), v in cos.items():
+        data[lay, tensors.index(t)] = v
+    return xr.DataArray(
+        data,
+        dims=("layer", "tensor"),
+        coords={
+            "layer": np.arange(view.n_layers + 2),
+            "tensor": tensors,
+            "raw": ("tensor", [raw.get(t, "") for t in tensors]),
+        },
+        name="grad_cos",
+        attrs={
+            "definition": _DEFINITION,
+            "n_pairs": int(ids1.shape[0]),
+            "loss": "mean-token cross-entropy per sequence, pad targets ignored",
+            "layers": "0 = embeddings, 1..L = blocks, L+1 = final norm / head",
+            "method": "explicit per-sequence gradients (two backward passes per pair)",
+            "architecture": view.arch,
+            "tied_embeddings": int(tied),
+        },
+    )
+
+
+def _block_rel(name: str) -> str:
+    """`model.layers.3.self_attn.q_proj.weight` -> `self_attn.q_proj.weight`."""
+    parts = name.split(".")
+    idx = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+    return ".".join(parts[idx + 1 :]) if idx is not None else name
+
+
+def _dots64(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+    a, b = a.detach().reshape(-1).double(), b.detach().reshape(-1).double()
+    return float(a @ b), float(a @ a), float(b @ b)
+
+
+def _add(stats: dict, key: tuple[int, str], dots) -> None:  # noqa: ANN001
+    lst = stats.setdefault(key, [[], [], []])
+    for j in range(3):
+        lst[j].append(float(dots[j]))
+
+
 def mean_paper_tensors(grad_cos: xr.DataArray) -> float:
     """The paper's "Mean": unweighted mean over PAPER_TENSORS x blocks 1..L (NaN cells, i.e.
     attn.k.bias, skipped)."""
@@ -462,12 +592,17 @@ class Gradients(Family):
         ids1, m1 = pad_batch(par.ids1[:n])
         ids2, m2 = pad_batch(par.ids2[:n])
         with torch.enable_grad():
-            da = gradient_alignment(ctx.model, ids1, m1, ids2, m2)
+            if type(ctx.model).__name__ == "GPT2LMHeadModel":  # the fast ghost path
+                da = gradient_alignment(ctx.model, ids1, m1, ids2, m2)
+            else:
+                da = gradient_alignment_general(ctx.model, ctx.view, ids1, m1, ids2, m2)
         # the final norm and head sit at layer L+1 there; keep them out of the shared
         # `layer` axis (0..L), where they would leave every other metric a NaN row
         head = int(da["layer"].max())
         ds = da.sel(layer=slice(0, head - 1)).to_dataset(name="grad_cos")
         final = da.sel(layer=head).drop_vars("layer").dropna("tensor", how="all")
+        if "raw" in final.coords:  # the head's raw names travel on its own dimension
+            final = final.rename(raw="head_raw")
         ds["grad_cos_head"] = final.rename(tensor="head_tensor")
         ds["grad_cos_head"].attrs["definition"] = (
             "gradient cosine of the final LayerNorm and LM head"
