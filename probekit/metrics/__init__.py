@@ -8,6 +8,7 @@ A new family is one module (or one class in a notebook) and one `register(MyFami
 from __future__ import annotations
 
 from probekit.errors import MetricError
+from probekit.metrics.ablation import Ablation
 from probekit.metrics.base import (
     Accumulator,
     CheckpointContext,
@@ -19,7 +20,9 @@ from probekit.metrics.base import (
 from probekit.metrics.efficiency import Efficiency
 from probekit.metrics.embeddings import Embeddings
 from probekit.metrics.gradients import Gradients
+from probekit.metrics.lens import Lens
 from probekit.metrics.neurons import Neurons
+from probekit.metrics.patching import Patching
 from probekit.metrics.perplexity import Perplexity
 from probekit.metrics.probes import Probes
 from probekit.metrics.similarity import Similarity
@@ -58,6 +61,9 @@ for _family in (
     Probes(),
     Perplexity(),
     Efficiency(),
+    Lens(),
+    Patching(),
+    Ablation(),
 ):
     register(_family)
 
