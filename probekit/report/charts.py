@@ -198,6 +198,11 @@ def _final_step(da: xr.DataArray) -> int | None:
     return int(steps[-1]) if len(steps) else None
 
 
+# Public names for the other report modules (findings, grid).
+pick_step = _pick_step
+final_step = _final_step
+
+
 def _color(color_domain: Sequence[str] | None, runs: Mapping[str, xr.Dataset]) -> alt.Color:
     domain = list(color_domain) if color_domain is not None else list(runs)
     return alt.Color("run:N", scale=run_color_scale(domain), title="run")

@@ -122,12 +122,12 @@ def groups_of(runs: Mapping[str, xr.Dataset]) -> list[Group]:
     return sorted(out, key=lambda g: (math.isnan(g.share), g.share))
 
 
-def _final_mean(ds: xr.Dataset, var: str, sel: dict[str, Any] | None = None) -> float:
+def final_mean(ds: xr.Dataset, var: str, sel: dict[str, Any] | None = None) -> float:
     """Final-step mean of a variable over layers >= 1 (the paper's Table 2 mean) and any
     other dims; "block" tensors of grad_cos left out."""
-    if var not in ds or C._final_step(ds[var]) is None:
+    if var not in ds or C.final_step(ds[var]) is None:
         return math.nan
-    da = C._pick_step(ds[var], "final", "")
+    da = C.pick_step(ds[var], "final", "")
     if sel:
         da = da.sel(**{k: v for k, v in sel.items() if k in da.dims})
     if "layer" in da.dims and (da["layer"] >= 1).any():
@@ -137,11 +137,11 @@ def _final_mean(ds: xr.Dataset, var: str, sel: dict[str, Any] | None = None) -> 
     return float(da.mean(skipna=True))
 
 
-def _at_step_of(ds: xr.Dataset, var: str, like: str) -> float:
+def at_step_of(ds: xr.Dataset, var: str, like: str) -> float:
     """Mean of `var` (layers >= 1) at the final step of `like` (e.g. a baseline)."""
-    if var not in ds or like not in ds or C._final_step(ds[like]) is None:
+    if var not in ds or like not in ds or C.final_step(ds[like]) is None:
         return math.nan
-    s = C._final_step(ds[like])
+    s = C.final_step(ds[like])
     da = ds[var].sel(step=s)
     if "layer" in da.dims and (da["layer"] >= 1).any():
         da = da.sel(layer=da["layer"] >= 1)
@@ -218,8 +218,8 @@ def _teff_finding(
                 transfer.append(float(row.get("transfer", math.nan)))
             else:
                 ds = runs[r]
-                teff.append(_final_mean(ds, "teff", {"language": lang}))
-                ctrl.append(_final_mean(ds, "teff_control", {"language": lang}))
+                teff.append(final_mean(ds, "teff", {"language": lang}))
+                ctrl.append(final_mean(ds, "teff_control", {"language": lang}))
                 transfer.append(math.nan)
         if np.isfinite(_mean(teff)):
             f.values[g.label] = _mean(teff)
@@ -291,15 +291,15 @@ def _measure_finding(
         vals, ctrls, los, his = [], [], [], []
         for r in g.runs:
             ds = runs[r]
-            vals.append(_final_mean(ds, var, sel))
+            vals.append(final_mean(ds, var, sel))
             if control_var:
                 if control_sel is not None:
-                    ctrls.append(_final_mean(ds, control_var, control_sel))
+                    ctrls.append(final_mean(ds, control_var, control_sel))
                 else:
-                    ctrls.append(_at_step_of(ds, control_var, var))
+                    ctrls.append(at_step_of(ds, control_var, var))
             if f"{var}_lo" in ds and f"{var}_hi" in ds:
-                los.append(_at_step_of(ds, f"{var}_lo", var))
-                his.append(_at_step_of(ds, f"{var}_hi", var))
+                los.append(at_step_of(ds, f"{var}_lo", var))
+                his.append(at_step_of(ds, f"{var}_hi", var))
         if not np.isfinite(_mean(vals)):
             continue
         f.values[g.label] = _mean(vals)

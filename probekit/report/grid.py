@@ -18,7 +18,7 @@ import xarray as xr
 
 from probekit.errors import ProbekitError
 from probekit.report.catalog import title_of
-from probekit.report.findings import ALIGNMENT, _at_step_of, _final_mean
+from probekit.report.findings import ALIGNMENT, at_step_of, final_mean
 
 
 def is_run_dir(path: Path) -> bool:
@@ -91,13 +91,13 @@ def alignment_points(runs: Mapping[str, xr.Dataset], table: pd.DataFrame, x: str
         xv = info[x].get(name, math.nan) if x in info else math.nan
         seed = info["seed"].get(name, 0) if "seed" in info else 0
         for var in (*ALIGNMENT, "neuron_overlap", "grad_cos", "retrieval_acc"):
-            v = _final_mean(ds, var)
+            v = final_mean(ds, var)
             if not np.isfinite(v):
                 continue
             base = (
-                _at_step_of(ds, f"{var}_baseline", var)
+                at_step_of(ds, f"{var}_baseline", var)
                 if f"{var}_baseline" in ds
-                else _at_step_of(ds, "neuron_overlap_chance", var)
+                else at_step_of(ds, "neuron_overlap_chance", var)
                 if var == "neuron_overlap"
                 else math.nan
             )
