@@ -34,7 +34,18 @@ PRESETS: dict[str, dict[str, int]] = {
     "small": dict(n_layer=12, n_embd=768, n_head=12, n_inner=3072, context=512),
     "medium": dict(n_layer=24, n_embd=1024, n_head=16, n_inner=4096, context=512),
 }
+# Llama-style models (SwiGLU MLP): intermediate size ~ 8d/3, a multiple of 8, so that the MLP's
+# 3 * d * i parameters match GPT-2's 2 * d * 4d (see docs/training.md for the counts)
+ARCHS = ("gpt2", "llama")
+
+
+def llama_inner(n_embd: int) -> int:
+    """SwiGLU intermediate size matched to GPT-2's 4d MLP: round(8d/3) to a multiple of 8."""
+    return max(8, int(round(8 * n_embd / 3 / 8)) * 8)
+
+
 MODES = ("clone", "pair", "mono")
+MODE_ALIASES = {"real": "pair"}  # "real" reads as "pair" (k >= 2 real languages)
 VOCAB_MODES = ("disjoint", "anchored", "joint")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -151,16 +162,25 @@ def _default_sources() -> dict[str, list[str]]:
     return {"en": ["bible:web", "bible:kjv", "bible:bbe"], "fr": ["bible:segond", "bible:darby"]}
 
 
+# Shipped default sources of languages outside the default table: filled in only for a
+# language a run uses and the config gives no sources for (so existing configs dump unchanged).
+SHIPPED_SOURCES: dict[str, list[str]] = {
+    **_default_sources(),
+    "es": ["bible:rv1909"],
+    "it": ["bible:diodati"],
+}
+
+
 @dataclass
 class DataConfig:
     """[data]: the corpus languages and how training sequences mix them."""
 
-    mode: str = "clone"  # clone | pair | mono
+    mode: str = "clone"  # clone | pair (alias: real) | mono
     base: str = "en"  # corpus language of clone / mono runs
-    languages: list[str] = field(default_factory=lambda: ["en", "fr"])  # a pair run's two
+    languages: list[str] = field(default_factory=lambda: ["en", "fr"])  # a pair run's k >= 2
     clones: int = 1  # cloned languages besides the original (clone mode)
     frac_clone: float = 1.0
-    p: float = 0.5  # share of the second language (clone mode: of all clones together)
+    p: float = 0.5  # share of all languages but the first together (split equally)
     weights: list[float] = field(default_factory=list)  # explicit per-language shares
     schedule: str | dict = ""  # "" | "0.1_0.9" | "linear:0.1:0.9" | {fractions=[...], p=[...]}
     sources: dict[str, list[str]] = field(default_factory=_default_sources)
@@ -170,7 +190,8 @@ class DataConfig:
     @classmethod
     def from_dict(cls, given: Any) -> DataConfig:
         d = cls(**_fields(cls, given, "data"))
-        _choice(d.mode, "data.mode", MODES, "mode")
+        d.mode = MODE_ALIASES.get(d.mode, d.mode) if isinstance(d.mode, str) else d.mode
+        _choice(d.mode, "data.mode", MODES + tuple(MODE_ALIASES), "mode")
         d.p = _share(d.p, "data.p")
         d.frac_clone = _share(d.frac_clone, "data.frac_clone")
         if isinstance(d.clones, bool) or not isinstance(d.clones, int) or d.clones < 1:
@@ -182,17 +203,24 @@ class DataConfig:
             )
         if d.mode == "pair" and (
             not isinstance(d.languages, list)
-            or len(d.languages) != 2
-            or d.languages[0] == d.languages[1]
+            or len(d.languages) < 2
+            or not all(isinstance(x, str) and x for x in d.languages)
+            or len(set(d.languages)) != len(d.languages)
         ):
             raise ConfigError(
-                f"data.languages: a pair run needs two distinct languages, got {d.languages!r}"
+                "data.languages: a pair (real) run needs at least two distinct languages, "
+                f"got {d.languages!r}"
             )
         d.sources = _source_table(d.sources, "data.sources")
         d.test_sources = _source_table(d.test_sources, "data.test_sources")
         for lang in d.corpus_languages:
+            if not d.sources.get(lang) and lang in SHIPPED_SOURCES:
+                d.sources[lang] = list(SHIPPED_SOURCES[lang])  # a shipped language's Bible
             if not d.sources.get(lang):
-                raise ConfigError(f"data.sources.{lang}: no sources for language {lang!r}")
+                raise ConfigError(
+                    f"data.sources.{lang}: no sources for language {lang!r} (shipped: "
+                    f"{', '.join(SHIPPED_SOURCES)}; give data.sources.{lang} = [FILE or FOLDER])"
+                )
         if d.weights:
             n = len(language_names(d))
             if (
@@ -211,7 +239,10 @@ class DataConfig:
         if d.schedule:
             parse_schedule_spec(d.schedule)
         if d.parallel and len(d.parallel) != 2:
-            raise ConfigError("data.parallel: expected two line-aligned files [L1, L2]")
+            raise ConfigError(
+                "data.parallel: expected two line-aligned files [L1, L2] (of the first two "
+                "languages)"
+            )
         return d
 
     @property
@@ -221,7 +252,7 @@ class DataConfig:
 
     @property
     def schedule_spec(self) -> ScheduleSpec:
-        """The share of the second language over training: the schedule, else constant p."""
+        """The share of all languages but the first over training: the schedule, else p."""
         return parse_schedule_spec(self.schedule if self.schedule else self.p)
 
 
@@ -230,7 +261,7 @@ class TokenizerConfig:
     """[tokenizer]: the BPE every language's text is cut with."""
 
     vocab_size: int = 512
-    vocab_mode: str = "disjoint"  # pair mode: disjoint | anchored | joint
+    vocab_mode: str = "disjoint"  # pair mode: disjoint | anchored | joint (any k languages)
     min_frequency: int = 2
     seed: int = 0  # BPE text order and cloned subset; not the run seed, so seeds share it
 
@@ -256,7 +287,13 @@ class TokenizerConfig:
 
 @dataclass
 class ModelConfig:
-    """[model]: a GPT-2 preset; any size field given replaces the preset's."""
+    """[model]: a GPT-2 (or Llama-style) preset; any size field given replaces the preset's.
+
+    arch = "llama" keeps the preset's layers, width, heads and context and takes the SwiGLU
+    intermediate size `llama_inner(n_embd)` for n_inner (about 8d/3), so both architectures
+    have about the same parameter count. `arch` is left out of to_dict() (config.toml, the
+    fingerprint) when it is "gpt2", so GPT-2 runs written before it existed stay the same.
+    """
 
     preset: str = "tiny"
     n_layer: int | None = None  # None: the preset's value
@@ -264,12 +301,17 @@ class ModelConfig:
     n_head: int | None = None
     n_inner: int | None = None
     context: int | None = None
+    arch: str = "gpt2"  # gpt2 | llama
 
     @classmethod
     def from_dict(cls, given: Any) -> ModelConfig:
         m = cls(**_fields(cls, given, "model"))
         _choice(m.preset, "model.preset", tuple(PRESETS), "preset")
+        _choice(m.arch, "model.arch", ARCHS, "architecture")
         for name, default in PRESETS[m.preset].items():
+            if name == "n_inner" and m.arch == "llama" and m.n_inner is None:
+                n_embd = m.n_embd if isinstance(m.n_embd, int) else PRESETS[m.preset]["n_embd"]
+                default = llama_inner(n_embd)
             value = default if getattr(m, name) is None else getattr(m, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"model.{name}: expected a positive integer, got {value!r}")
@@ -420,12 +462,16 @@ class RunConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dicts and lists, in config.toml's order (a deep copy)."""
-        return dataclasses.asdict(self)
+        """Plain nested dicts and lists, in config.toml's order (a deep copy); model.arch only
+        when it is not the default gpt2 (GPT-2 configs and fingerprints predate the field)."""
+        d = dataclasses.asdict(self)
+        if d["model"].get("arch") == "gpt2":
+            del d["model"]["arch"]
+        return d
 
 
 def language_names(data: DataConfig) -> list[str]:
-    """Model-level language names: EN1..ENk for clones, EN/FR for pairs, EN for mono."""
+    """Model-level language names: EN1..ENk for clones, EN/FR/.. for real languages, EN mono."""
     if data.mode == "clone":
         return [f"{data.base.upper()}{i + 1}" for i in range(data.clones + 1)]
     if data.mode == "pair":
