@@ -21,7 +21,7 @@ from probekit.data.vocab import (
     Vocabulary,
     clone_vocabulary,
     joint_vocabulary,
-    pair_vocabulary,
+    real_vocabulary,
     train_bpe,
 )
 from probekit.errors import ConfigError, RunDirError
@@ -51,9 +51,9 @@ def build_vocabulary(cfg: RunConfig) -> Vocabulary:
         return clone_vocabulary(bpe(texts[langs[0]]), names, d.frac_clone, seed)
     if d.mode == "mono":
         return clone_vocabulary(bpe(texts[langs[0]]), names, 1.0, seed)
-    if t.vocab_mode == "joint":
-        return joint_vocabulary(bpe(texts[langs[0]] + texts[langs[1]]), names)
-    return pair_vocabulary(bpe(texts[langs[0]]), bpe(texts[langs[1]]), names, t.vocab_mode)
+    if t.vocab_mode == "joint":  # one tokenizer on all languages' text, in config order
+        return joint_vocabulary(bpe([doc for lang in langs for doc in texts[lang]]), names)
+    return real_vocabulary([bpe(texts[lang]) for lang in langs], names, t.vocab_mode)
 
 
 @dataclass
@@ -222,17 +222,22 @@ class RunData:
     def _pair_parallel(self, l1: str, l2: str, n_pairs: int, seq_len: int) -> ParallelSet:
         d = self.cfg.data
         c1, c2 = self.corpus_language(l1), self.corpus_language(l2)
-        if d.parallel:
+        first_two = list(d.languages[:2])
+        if d.parallel and sorted([c1, c2]) == sorted(first_two):
+            # the files are line-aligned text of the first two languages, in config order
             a, b = (read_lines(p) for p in d.parallel)
             if len(a) != len(b):
                 raise ConfigError(f"data.parallel: files have {len(a)} and {len(b)} lines")
+            if [c1, c2] != first_two:
+                a, b = b, a
             verses = [(0, x, y) for x, y in zip(a, b, strict=True)]
-        else:
+        else:  # any two languages of the run: their first shipped Bibles, verse by verse
             b1, b2 = self._parallel_bible(c1), self._parallel_bible(c2)
             if b1 is None or b2 is None:
                 raise ConfigError(
-                    "data.parallel: real language pairs on user corpora need two "
-                    "line-aligned files (data.parallel = [L1, L2])"
+                    f"data.parallel: {c1},{c2} has no shipped Bible in both languages; real "
+                    "languages on user corpora need two line-aligned files "
+                    f"(data.parallel = [{first_two[0]}, {first_two[1]}])"
                 )
             verses = corpus.parallel_verses(b1, b2)
         e1 = self.vocab.encode([v[1] for v in verses], l1)

@@ -1,13 +1,14 @@
 """Tokenizers and the model vocabulary built from them.
 
-A run has one or two base tokenizers (byte-level BPE, trained locally) and a
+A run has one base tokenizer per language (or one shared; byte-level BPE, trained locally) and a
 `Vocabulary` that maps each language's base ids to model ids:
 
 * clones: EN_i uses base id + i*V (padding never cloned; with frac_clone < 1 only
   a seeded subset of ids is cloned and the rest are shared anchor points);
-* pairs: `disjoint` offsets the second language by V1; `anchored` gives a piece
-  whose string exists in both vocabularies the first language's id; `joint`
-  trains one tokenizer on both languages;
+* real languages (k >= 2, mode "pair"): `disjoint` offsets language i by the sizes of
+  the languages before it; `anchored` gives a piece whose string exists in an earlier
+  language's vocabulary that earlier id (so one string has one id in every language that
+  has it); `joint` trains one tokenizer on all languages;
 * mono: the identity.
 
 `Vocabulary.lookup(id)` turns any model id back into (language, piece).
@@ -220,32 +221,49 @@ def clone_vocabulary(
     return Vocabulary(names, {"base": tok}, {n: "base" for n in names}, to_model, "clone", info)
 
 
-def pair_vocabulary(tok1: Tokenizer, tok2: Tokenizer, names: list[str], mode: str) -> Vocabulary:
-    """Two languages with their own tokenizers: disjoint ids or anchored shared pieces."""
-    v1 = tok1.get_vocab_size()
-    p1 = {piece: i for i, piece in enumerate(_pieces(tok1))}
-    map2 = np.zeros(tok2.get_vocab_size(), dtype=np.int64)
+def real_vocabulary(toks: list[Tokenizer], names: list[str], mode: str) -> Vocabulary:
+    """k >= 2 languages with their own tokenizers: disjoint ids or anchored shared pieces.
+
+    The first language keeps its base ids; each later one gets fresh ids after all earlier
+    ones, except padding (always 0) and, in `anchored` mode, a piece whose string an earlier
+    language already has, which takes that language's id.
+    """
+    if len(toks) != len(names) or len(names) < 2:
+        raise ValueError("real_vocabulary needs one tokenizer per language, at least two")
+    v1 = toks[0].get_vocab_size()
+    seen = {piece: i for i, piece in enumerate(_pieces(toks[0]))}  # piece -> model id
+    maps = [np.arange(v1)]
     nxt, anchors = v1, 0
-    for i, piece in enumerate(_pieces(tok2)):
-        if i == PAD_ID:
-            map2[i] = PAD_ID
-        elif mode == "anchored" and piece in p1:
-            map2[i], anchors = p1[piece], anchors + 1
-        else:
-            map2[i], nxt = nxt, nxt + 1
+    for tok in toks[1:]:
+        m = np.zeros(tok.get_vocab_size(), dtype=np.int64)
+        for i, piece in enumerate(_pieces(tok)):
+            if i == PAD_ID:
+                m[i] = PAD_ID
+            elif mode == "anchored" and piece in seen:
+                m[i], anchors = seen[piece], anchors + 1
+            else:
+                m[i], nxt = nxt, nxt + 1
+                if mode == "anchored":
+                    seen[piece] = int(m[i])
+        maps.append(m)
     info = {
-        "vocab_sizes": [v1, tok2.get_vocab_size()],
+        "vocab_sizes": [t.get_vocab_size() for t in toks],
         "n_anchored": anchors,
         "model_vocab_size": int(nxt),
     }
     return Vocabulary(
         names,
-        {names[0].lower(): tok1, names[1].lower(): tok2},
-        {names[0]: names[0].lower(), names[1]: names[1].lower()},
-        {names[0]: np.arange(v1), names[1]: map2},
+        {n.lower(): t for n, t in zip(names, toks, strict=True)},
+        {n: n.lower() for n in names},
+        dict(zip(names, maps, strict=True)),
         mode,
         info,
     )
+
+
+def pair_vocabulary(tok1: Tokenizer, tok2: Tokenizer, names: list[str], mode: str) -> Vocabulary:
+    """Two languages with their own tokenizers (`real_vocabulary` for two)."""
+    return real_vocabulary([tok1, tok2], names, mode)
 
 
 def joint_vocabulary(tok: Tokenizer, names: list[str]) -> Vocabulary:

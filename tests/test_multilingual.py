@@ -1,0 +1,153 @@
+"""k >= 2 real languages in one run (mode "pair", alias "real"): config, vocabularies, mixture,
+parallel pairs of any two languages, and the shipped Bibles' alignment."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from probekit.config import dump_config, load_config
+from probekit.data import corpus, prepare_run_data
+from probekit.errors import ConfigError
+
+LANGS = ["en", "fr", "es", "it"]
+ONE_BIBLE = {"en": ["bible:web"], "fr": ["bible:segond"]}  # es, it: the shipped defaults
+
+
+def real_cfg(mode: str = "disjoint", **data) -> dict:
+    return {
+        "seed": 0,
+        "data": {"mode": "real", "languages": LANGS, "sources": ONE_BIBLE, **data},
+        "tokenizer": {"vocab_size": 300, "vocab_mode": mode},
+        "model": {"preset": "nano"},
+    }
+
+
+@pytest.fixture(scope="module")
+def real4(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("real4")
+    out = {}
+    for mode in ("disjoint", "anchored", "joint"):
+        cfg = load_config(real_cfg(mode, weights=[0.4, 0.3, 0.2, 0.1]))
+        out[mode] = prepare_run_data(cfg, root / mode)
+    return out
+
+
+def test_real_is_pair_and_defaults_fill_shipped_sources():
+    cfg = load_config(real_cfg())
+    d = cfg.data
+    assert d.mode == "pair" and d.corpus_languages == LANGS
+    assert d.sources["es"] == ["bible:rv1909"] and d.sources["it"] == ["bible:diodati"]
+    text = dump_config(cfg)
+    assert 'mode = "pair"' in text and load_config(cfg).to_dict() == cfg.to_dict()
+    # a two-language config that never named es/it dumps exactly as before (no es/it added)
+    assert "rv1909" not in dump_config(load_config({"data": {"mode": "pair"}}))
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"languages": ["en"]}, r"data\.languages"),
+        ({"languages": ["en", "fr", "en"]}, r"data\.languages"),
+        ({"languages": ["en", "pt"]}, r"data\.sources\.pt"),
+        ({"weights": [0.5, 0.5, 0.5, 0.5]}, r"data\.weights"),
+        ({"weights": [0.5, 0.5]}, r"data\.weights"),
+    ],
+)
+def test_bad_input_is_one_line_naming_the_field(data, field):
+    with pytest.raises(ConfigError, match=field) as exc:
+        load_config(real_cfg(**data))
+    assert "\n" not in str(exc.value)
+
+
+def test_four_language_shares_match_the_weights(real4):
+    data = real4["disjoint"]
+    weights = [0.4, 0.3, 0.2, 0.1]
+    stream = data.stream(20_000, 64)
+    shares = stream.language_counts(20_000) / 20_000
+    assert np.all(np.abs(shares - weights) < 0.01), shares
+    _, langs = stream.sequences(0, 20_000)
+    assert np.all(np.abs(np.bincount(langs, minlength=4) / 20_000 - weights) < 0.01)
+    # p alone: the first language keeps 1 - p, the others split p equally
+    cfg = load_config(real_cfg(p=0.4))
+    from probekit.data import RunData
+
+    s = RunData(cfg, data.vocab).stream(20_000, 64)
+    want = [0.6, 0.4 / 3, 0.4 / 3, 0.4 / 3]
+    assert np.all(np.abs(s.language_counts(20_000) / 20_000 - want) < 0.01)
+
+
+def test_each_language_reads_its_own_text(real4):
+    data = real4["disjoint"]
+    vocab = data.vocab
+    ids, langs = data.stream(400, 64).sequences(0, 400)
+    for li, lang in enumerate(vocab.languages):
+        own = set(vocab.to_model[lang].tolist())
+        rows = ids[langs == li]
+        assert len(rows) and set(np.unique(rows).tolist()) <= own
+    text = vocab.decode(data.heldout("ES", 1, 64)[0][:40], "ES")
+    assert any(w in text.lower() for w in (" de ", " y ", " que ", " el ", " la "))
+
+
+def test_disjoint_ids_do_not_overlap(real4):
+    vocab = real4["disjoint"].vocab
+    assert vocab.model_vocab_size == 1 + 4 * 299
+    for a, b in itertools.combinations(vocab.languages, 2):
+        assert vocab.shared_ids(a, b).size == 0
+
+
+def test_anchored_ids_are_shared_exactly_where_the_pieces_match(real4):
+    vocab = real4["anchored"].vocab
+    pieces = {lang: vocab._pieces[vocab.tokenizer_of[lang]] for lang in vocab.languages}
+    for a, b in itertools.combinations(vocab.languages, 2):
+        ma, mb = vocab.to_model[a], vocab.to_model[b]
+        same_id = ma[:, None] == mb[None, :]
+        same_piece = (
+            np.asarray(pieces[a], dtype=object)[:, None]
+            == np.asarray(pieces[b], dtype=object)[None, :]
+        )
+        assert np.array_equal(same_id, same_piece), (a, b)
+    # within one language ids stay distinct
+    for lang in vocab.languages:
+        assert len(set(vocab.to_model[lang].tolist())) == len(vocab.to_model[lang])
+    assert vocab.model_vocab_size < real4["disjoint"].vocab.model_vocab_size
+
+
+def test_joint_vocabulary_is_one_tokenizer(real4):
+    vocab = real4["joint"].vocab
+    assert vocab.model_vocab_size == 300
+    assert len(set(vocab.tokenizer_of.values())) == 1
+
+
+def test_parallel_pairs_of_any_two_languages(real4):
+    data = real4["anchored"]
+    for a, b in (("ES", "IT"), ("IT", "EN"), ("FR", "ES")):
+        par = data.parallel(a, b, 6, 64)
+        assert not par.aligned and len(par) == 6
+        ta = data.vocab.decode(par.ids1[0], a)
+        want = data.vocab.decode(data.vocab.encode([ta], a)[0], a)
+        assert ta == want
+    # ES,IT and IT,ES are the same pairs, swapped
+    p1, p2 = data.parallel("ES", "IT", 4, 64), data.parallel("IT", "ES", 4, 64)
+    assert all(np.array_equal(x, y) for x, y in zip(p1.ids1, p2.ids2, strict=True))
+
+
+def test_shipped_bibles_have_the_same_verse_keys_per_split():
+    for split in corpus.SPLITS:
+        keys = {
+            name: {
+                (bk, c, v)
+                for bk, c, v, _ in corpus.bible_verses(name)
+                if corpus.book_split(bk) == split
+            }
+            for name in corpus.BIBLES
+        }
+        first = keys["web"]
+        assert first
+        for name, k in keys.items():
+            assert k == first, (split, name)
+    # and the parallel verses of the languages' default Bibles are aligned one to one
+    parallel = {k for k in (corpus.bible_verses("web")) if corpus.book_split(k[0]) == "parallel"}
+    assert len(corpus.language_parallel_verses("es", "it")) == len(parallel)
