@@ -346,11 +346,15 @@ def test_future_family_gets_its_section(tmp_path: Path, runs) -> None:
     ds = runs["p10"].copy()
     ds["lens_top1_l2"] = (("step", "layer"), np.linspace(0, 1, 12).reshape(3, 4))
     assert "lens_top1_l2" not in VARIABLES
-    write_report({"p10": ds}, tmp_path / "r", png=False)
+    ds["patch_kept"] = (("step", "layer"), np.linspace(0, 1, 12).reshape(3, 4))
+    write_report({"p10": ds, "p50": runs["p50"]}, tmp_path / "r", png=False)
     page = (tmp_path / "r" / "index.html").read_text()
     assert "Which language does each layer think in" in page
+    assert "patching: share of L2&#x27;s own quality kept by L1&#x27;s state" in page
+    assert "probekit align p50 --metrics lens`" in page  # the family, not the variable
+    assert "probekit align p50 --metrics patching`" in page
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
-    assert {"variable_lens_top1_l2"} <= {c["name"] for c in rep["charts"]}
+    assert {"variable_lens_top1_l2", "variable_patch_kept"} <= {c["name"] for c in rep["charts"]}
 
 
 def _decode(png: bytes) -> np.ndarray:

@@ -7,8 +7,8 @@ Later this table is meant to come from the metric registry: keep it a dict keyed
 name, so that swapping its source is a small change.
 
 Variables the table does not list are still placed when their name starts with one of the
-`PREFIXES` (e.g. a future `lens_*`, `patch_*` or `ablation_*` family): the section of their
-question then appears as soon as a cube carries them, drawn with the generic chart.
+`PREFIXES` (`lens_*`, `patch_*`, `ablation_*`): the section of their question appears as soon
+as a cube carries such variables, drawn with the generic chart.
 """
 
 from __future__ import annotations
@@ -116,10 +116,38 @@ VARIABLES: dict[str, dict[str, Any]] = {
         "title": "clone-pair embedding cosine by frequency",
         "question": "machinery",
     },
+    # which language each layer thinks in; what interventions change (families lens,
+    # patching, ablation: `probekit align RUN --metrics lens,patching,ablation`)
+    "lens_ce": {"title": "logit-lens cross-entropy (nats)", "question": "layers"},
+    "lens_acc": {"title": "logit-lens top-1 accuracy", "question": "layers"},
+    "lens_acc_collapsed": {
+        "title": "logit-lens top-1 accuracy, clones collapsed",
+        "question": "layers",
+    },
+    "lens_mass": {
+        "title": "logit-lens probability mass per vocabulary language",
+        "question": "layers",
+    },
+    "patch_ce": {"title": "cross-entropy with L1 states patched into L2", "question": "layers"},
+    "patch_kept": {
+        "title": "patching: share of L2's own quality kept by L1's state",
+        "question": "layers",
+    },
+    "ablation_ppl": {
+        "title": "perplexity with language-specific neurons ablated",
+        "question": "layers",
+    },
+    "ablation_dppl": {"title": "perplexity increase from ablation", "question": "layers"},
+    "ablation_ppl_clean": {"title": "perplexity without ablation", "question": "layers"},
+    "ablation_n_neurons": {"title": "ablated neurons per layer", "question": "layers"},
 }
 
-# Families that do not exist yet: a variable starting with one of these lands in that question.
+# A variable the table does not list but whose name starts with one of these (a new variable
+# of these families) lands in that question.
 PREFIXES: dict[str, str] = {"lens_": "layers", "patch_": "layers", "ablation_": "layers"}
+
+# The `probekit align --metrics` family that fills a prefixed variable.
+PREFIX_FAMILY: dict[str, str] = {"lens_": "lens", "patch_": "patching", "ablation_": "ablation"}
 
 # Variables that only accompany another one (drawn with it, never on their own).
 COMPANION_SUFFIXES = ("_baseline", "_lo", "_hi", "_count", "_chance", "_coef")
@@ -154,7 +182,8 @@ def title_of(var: str) -> str:
 
 def fix_command(var: str, run: str = "RUN_DIR") -> str:
     """The command that fills `var` for `run`."""
-    return FIX.get(var, f"probekit align RUN_DIR --metrics {var}").replace("RUN_DIR", run)
+    fam = next((f for p, f in PREFIX_FAMILY.items() if var.startswith(p)), var)
+    return FIX.get(var, f"probekit align RUN_DIR --metrics {fam}").replace("RUN_DIR", run)
 
 
 def is_companion(var: str) -> bool:

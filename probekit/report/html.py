@@ -201,12 +201,12 @@ def _partial_notes(runs: Mapping[str, xr.Dataset], *vars_: str) -> list[str]:
 
 
 def _extra_vars(runs: Mapping[str, xr.Dataset]) -> list[str]:
-    """Variables of a not-yet-charted family (PREFIXES), in first-seen order."""
+    """Variables drawn with the generic chart, in first-seen order: those of the lens /
+    patching / ablation question (it has no dedicated chart yet), listed or found by prefix."""
     seen: dict[str, None] = {}
     for ds in runs.values():
-        for v in ds.data_vars:
-            v = str(v)
-            if v not in VARIABLES and not is_companion(v) and v.startswith(tuple(PREFIXES)):
+        for v in map(str, ds.data_vars):
+            if question_of(v) == "layers" and not is_companion(v):
                 seen[v] = None
     return list(seen)
 
