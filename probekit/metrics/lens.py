@@ -28,6 +28,7 @@ from probekit.metrics.base import CheckpointContext, Family, Needs, PairBatch, V
 from probekit.series import Series
 
 SHARED = "shared"
+_CHUNK_ELEMENTS = 1 << 23  # logits decoded at once (positions x vocabulary): 64 MB in float64
 
 _DEFINITIONS = {
     "lens_ce": "logit lens: mean cross-entropy (nats) of the true next token when the layer's "
@@ -113,8 +114,6 @@ class _LensRun:
 
     @torch.no_grad()
     def update(self, batch: PairBatch) -> None:
-        model, view = self.ctx.model, self.ctx.view
-        device = self.ctx.options.device
         for side, act in enumerate((batch.l1, batch.l2)):
             ids, valid = next_token_targets([self.seqs[side][i] for i in batch.index])
             target = ids[:, 1:][valid]
@@ -122,15 +121,21 @@ class _LensRun:
             if n == 0:
                 continue
             self.count[side] += n
+            chunk = max(1, _CHUNK_ELEMENTS // self.onehot.shape[0])  # rows of [n, V] at once
             for lay in range(act.resid.shape[0]):
-                states = act.resid[lay, :, :-1][valid].to(device)  # [n, d]
-                logits = view.decode(model, states).float().cpu()
-                logp = torch.log_softmax(logits.double(), -1)
-                self.ce[lay, side] -= float(logp.gather(1, target[:, None]).sum())
-                self.mass[lay, side] += (logp.exp() @ self.onehot).sum(0).numpy()
-                top = logits.argmax(-1)
-                self.acc[lay, side] += float((top == target).sum())
-                self.acc_c[lay, side] += float((self.canon[top] == self.canon[target]).sum())
+                states = act.resid[lay, :, :-1][valid]  # [n, d]
+                for lo in range(0, n, chunk):
+                    self._add(lay, side, states[lo : lo + chunk], target[lo : lo + chunk])
+
+    def _add(self, lay: int, side: int, states: torch.Tensor, target: torch.Tensor) -> None:
+        model, view = self.ctx.model, self.ctx.view
+        logits = view.decode(model, states.to(self.ctx.options.device)).float().cpu()
+        logp = torch.log_softmax(logits.double(), -1)
+        self.ce[lay, side] -= float(logp.gather(1, target[:, None]).sum())
+        self.mass[lay, side] += (logp.exp() @ self.onehot).sum(0).numpy()
+        top = logits.argmax(-1)
+        self.acc[lay, side] += float((top == target).sum())
+        self.acc_c[lay, side] += float((self.canon[top] == self.canon[target]).sum())
 
     def result(self) -> xr.Dataset:
         count = np.maximum(self.count, 1)
