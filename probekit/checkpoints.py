@@ -1,7 +1,10 @@
 """Checkpoint-series I/O, shared by the trainer (writes) and the analysis side (reads).
 
-A series is either a probekit run directory (RUN_DIR/checkpoints/step_NNNNNN/) or any
-folder of Hugging Face causal-LM checkpoint folders (step_1000/, checkpoint-1000/, ...).
+A series is a probekit run directory (RUN_DIR/checkpoints/step_NNNNNN/), any folder of
+Hugging Face causal-LM checkpoint folders (checkpoint-N/, step_N/, global_stepN/, stepN/: the
+step is the last number in the name, or probekit.json's), or a local Hugging Face hub cache of
+one model with several revisions (models--ORG--NAME/refs/<revision> naming a folder under
+snapshots/; the step is the last number in the revision's name). Nothing is ever fetched.
 Writes are atomic: a folder is built as `.tmp-step_N` and renamed, so a folder named
 `step_*` is always complete.
 """
@@ -27,6 +30,7 @@ LOG_FILE = "train_log.jsonl"
 __all__ = [
     "CheckpointInfo",
     "list_checkpoints",
+    "hub_model_dir",
     "load_checkpoint",
     "save_checkpoint",
     "read_train_log",
@@ -75,9 +79,20 @@ def _info(folder: Path) -> CheckpointInfo | None:
     )
 
 
-def list_checkpoints(run_dir_or_series: Path | str) -> list[CheckpointInfo]:
-    """Every checkpoint of a run directory or of a folder of HF checkpoints, by step."""
+def list_checkpoints(
+    run_dir_or_series: Path | str,
+    model: str | None = None,
+    revisions: list[str] | tuple[str, ...] | None = None,
+) -> list[CheckpointInfo]:
+    """Every checkpoint of a run directory, of a folder of HF checkpoints, or of a local hub
+    cache (`model` ORG/NAME picks one of several cached models; `revisions` picks revisions,
+    default every revision whose name holds a step), by step."""
     path = Path(run_dir_or_series)
+    hub = hub_model_dir(path, model)
+    if hub is not None:
+        return _hub_checkpoints(hub, revisions)
+    if revisions:
+        raise RunDirError(f"{path}: --revisions needs a Hugging Face hub cache (models--ORG--NAME)")
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     if not root.is_dir():
         raise RunDirError(f"no checkpoints found in {path}")
@@ -98,6 +113,85 @@ def list_checkpoints(run_dir_or_series: Path | str) -> list[CheckpointInfo]:
     if not infos:
         raise RunDirError(f"no checkpoints found in {path}")
     return [infos[s] for s in sorted(infos)]
+
+
+def hub_model_dir(path: Path | str, model: str | None = None) -> Path | None:
+    """The `models--ORG--NAME` folder of a local hub cache at `path` (the cache or the model's
+    own folder), or None when `path` is not a hub cache. Several cached models need `model`."""
+    path = Path(path)
+    if path.name.startswith("models--") and (path / "snapshots").is_dir():
+        if model and path.name != _hub_name(model):
+            raise RunDirError(f"{path}: this is the cache of {_repo(path.name)}, not {model}")
+        return path
+    if not path.is_dir():
+        return None
+    cached = sorted(p for p in path.glob("models--*") if p.is_dir() and (p / "snapshots").is_dir())
+    if not cached:
+        if model:
+            raise RunDirError(f"{path}: not a Hugging Face hub cache (no models--*/snapshots)")
+        return None
+    names = ", ".join(_repo(p.name) for p in cached)
+    if model:
+        hit = path / _hub_name(model)
+        if hit not in cached:
+            raise RunDirError(f"{path}: model {model} is not in this cache (cached: {names})")
+        return hit
+    if len(cached) > 1:
+        raise RunDirError(f"{path}: several models are cached ({names}); pick one with --model")
+    return cached[0]
+
+
+def _hub_name(model: str) -> str:
+    return "models--" + model.strip("/").replace("/", "--")
+
+
+def _repo(folder_name: str) -> str:
+    return folder_name[len("models--") :].replace("--", "/")
+
+
+def _hub_checkpoints(
+    hub: Path, revisions: list[str] | tuple[str, ...] | None
+) -> list[CheckpointInfo]:
+    refs_dir = hub / "refs"
+    refs = {
+        f.relative_to(refs_dir).as_posix(): f.read_text().strip()
+        for f in (sorted(refs_dir.rglob("*")) if refs_dir.is_dir() else [])
+        if f.is_file()
+    }
+    snapshots = hub / "snapshots"
+    if revisions:
+        missing = [r for r in revisions if r not in refs]
+        if missing:
+            raise RunDirError(
+                f"{hub}: revision(s) {', '.join(missing)} not in the cache "
+                f"(cached: {', '.join(_by_step(refs)) or 'none'})"
+            )
+        wanted = list(revisions)
+    else:
+        wanted = [r for r in _by_step(refs) if re.search(r"\d", r)]
+    infos: dict[int, CheckpointInfo] = {}
+    for rev in wanted:
+        digits = re.findall(r"\d+", rev)
+        if not digits:
+            raise RunDirError(f"{hub}: cannot tell the step of revision {rev!r} (no digits)")
+        folder = snapshots / refs[rev]
+        if not (folder / "config.json").is_file():
+            raise RunDirError(f"{hub}: revision {rev} names snapshot {refs[rev]}, not cached")
+        step = int(digits[-1])
+        if step in infos:
+            continue  # two names of one step (e.g. main and step143000)
+        infos[step] = CheckpointInfo(step=step, path=folder, meta={"revision": rev})
+    if not infos:
+        raise RunDirError(f"no checkpoints found in {hub} (no revision names a step)")
+    return [infos[s] for s in sorted(infos)]
+
+
+def _by_step(refs: dict[str, str]) -> list[str]:
+    def key(rev: str) -> tuple[int, str]:
+        digits = re.findall(r"\d+", rev)
+        return (int(digits[-1]) if digits else -1, rev)
+
+    return sorted(refs, key=key)
 
 
 def select_checkpoints(

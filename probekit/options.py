@@ -36,6 +36,10 @@ class AnalysisOptions:
     neuron_top_frac: float = 0.1  # top-k neuron sets: this fraction of d_mlp
     parallel_files: tuple[str, str] | None = None  # any HF series: two line-aligned texts
     tokenizer: str | None = None  # any HF series: tokenizer folder (default: first checkpoint)
+    hub_model: str | None = None  # a hub cache: ORG/NAME [--model]
+    revisions: tuple[str, ...] | None = None  # a hub cache: revisions [--revisions]; default all
+    test_files: tuple[tuple[str, str], ...] | None = None  # any HF series: (lang, file) [--test]
+    clone_offset: int | None = None  # any HF series: L2 ids = L1 ids + V [--clone-offset]
     # perplexity (eval)
     stride: int | None = None  # window stride [--stride]; default context / 4
     tail: int | None = None  # scored tokens at the end of each window [--tail]; default stride
@@ -65,6 +69,8 @@ class AnalysisOptions:
             )
         if self.pair is not None and (len(self.pair) != 2 or self.pair[0] == self.pair[1]):
             raise OptionError(f"--pair: expected two different languages, got {self.pair!r}")
+        if self.clone_offset is not None:
+            _int(self.clone_offset, "clone_offset", 1)
         if self.parallel_files is not None and len(self.parallel_files) != 2:
             raise OptionError("--parallel: expected two line-aligned files (L1 L2)")
         return self

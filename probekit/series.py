@@ -22,6 +22,7 @@ from probekit.options import AnalysisOptions
 
 DEFAULT_MAX_TOKENS = 65_536  # test tokens per language and checkpoint; 0 scores the whole split
 DEFAULT_SEQ_LEN = 128
+DEFAULT_ALIBI_CONTEXT = 2048  # BLOOM (ALiBi) records no context limit: windows of this
 
 
 class Series:
@@ -175,10 +176,16 @@ class RunSeries(Series):
 
 
 class ExternalSeries(Series):
-    """Any folder of Hugging Face causal-LM checkpoints, with two line-aligned text files.
+    """Any series of Hugging Face causal-LM checkpoints: a folder of checkpoint folders or a
+    local hub cache of one model's revisions (GPT-2, GPT-NeoX, Llama, Qwen2, OLMo, OLMo 2,
+    BLOOM), read with its own tokenizer.
 
-    Lines are tokenized with the series' own tokenizer and packed into sequence pairs as
-    for real language pairs (not token-aligned), so hidden-state cosine uses the matching.
+    Parallel text: two line-aligned files, or `bible:LANG` / `bible:NAME` twice for the
+    shipped held-out verse-aligned books (their book is the label the probes predict).
+    Lines are packed into sequence pairs as for real language pairs (not token-aligned), so
+    hidden-state cosine uses the matching. With `clone_offset` V the series is a clone series
+    (L2's id of a token = L1's + V): the pairs are one text in both id ranges, token-aligned,
+    and the clone embedding measures apply. Test texts (`--test LANG=FILE`) feed perplexity.
     """
 
     mode = vocab_mode = "external"
@@ -186,39 +193,102 @@ class ExternalSeries(Series):
     def __init__(self, path: Path, options: AnalysisOptions):
         from transformers import AutoConfig, AutoTokenizer
 
+        from probekit.model_view import ModelView
+
         self.run_dir = Path(path)
         self.options = options
         ckpts = self.checkpoints()
         src = Path(options.tokenizer) if options.tokenizer else ckpts[0].path
+        config = AutoConfig.from_pretrained(str(ckpts[0].path), local_files_only=True)
+        self.view = ModelView.from_config(config)  # an unknown architecture fails here
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(src), local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise RunDirError(f"{src}: no usable tokenizer (pass --tokenizer DIR): {exc}") from None
-        config = AutoConfig.from_pretrained(str(ckpts[0].path), local_files_only=True)
-        self.context = int(getattr(config, "n_positions", 512))
+        except (OSError, ValueError, TypeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise RunDirError(
+                f"{src}: no usable tokenizer (pass --tokenizer DIR): {first}"
+            ) from None
+        self.tokenizer_path = src
+        self.context = int(self.view.context or DEFAULT_ALIBI_CONTEXT)
         self.files = [str(f) for f in options.parallel_files or ()]
+        self.clone_offset = options.clone_offset
+        if self.clone_offset:
+            if self.files and self.files[0] != self.files[1]:
+                raise MetricError(
+                    "--clone-offset: the L2 side is the L1 text shifted; give one text"
+                )
+            if len(self.tokenizer) + self.clone_offset > self.view.vocab_size:
+                raise MetricError(
+                    f"--clone-offset {self.clone_offset}: the tokenizer's {len(self.tokenizer)} "
+                    f"ids shifted by it exceed the model's vocabulary ({self.view.vocab_size})"
+                )
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        revs = self.options.revisions
+        return list_checkpoints(self.run_dir, self.options.hub_model, list(revs) if revs else None)
+
+    @property
+    def name(self) -> str:
+        name = self.run_dir.name
+        return name[len("models--") :].replace("--", "/") if name.startswith("models--") else name
+
+    @property
+    def labelled(self) -> bool:
+        """Whether the parallel pairs carry labels a probe can predict (Bible books)."""
+        return bool(self.files) and all(f.startswith("bible:") for f in self.files)
 
     @property
     def languages(self) -> list[str]:
-        return list(self.options.pair) if self.options.pair else ["L1", "L2"]
+        if self.options.pair:
+            return list(self.options.pair)
+        if self.labelled and not self.clone_offset and self.files[0] != self.files[1]:
+            return [f[len("bible:") :] for f in self.files]
+        if self.options.test_files and not self.files:
+            return [lang for lang, _ in self.options.test_files]
+        return ["L1", "L2"]
 
-    @cached_property
-    def parallel(self) -> Any:
-        from probekit.data import ParallelSet, pack_parallel, read_lines, spread
+    def _encode(self, lines: list[str]) -> list[np.ndarray]:
+        enc = self.tokenizer(lines, add_special_tokens=False)["input_ids"]
+        return [np.asarray(x, dtype=np.int64) for x in enc]
 
+    def _texts(self) -> tuple[list[tuple[int, str, str]], list[str]]:
+        """(group, L1 line, L2 line) and the group names."""
+        from probekit.data import corpus, read_lines
+
+        if not self.files:
+            raise MetricError(
+                f"{self.run_dir}: this series needs parallel text: --parallel L1.txt L2.txt, "
+                "or the shipped Bible books, e.g. --parallel bible:en bible:fr"
+            )
+        if self.labelled:
+            a, b = (f[len("bible:") :] for f in self.files)
+            # a corpus language (en, fr, es, it: its default Bible) or a Bible's own name
+            a, b = (x if x in corpus.BIBLES else corpus.bibles_of(x)[0] for x in (a, b))
+            verses = corpus.parallel_verses(a, b)
+            books = sorted({v[0] for v in verses})
+            names = [corpus.book_names().get(bk, str(bk)) for bk in books]
+            return [(books.index(v[0]), v[1], v[2]) for v in verses], names
         a, b = (read_lines(f, "--parallel") for f in self.files)
         if len(a) != len(b):
             raise MetricError(f"--parallel: the files have {len(a)} and {len(b)} lines")
-        enc = [self.tokenizer(lines, add_special_tokens=False)["input_ids"] for lines in (a, b)]
-        e1, e2 = ([np.asarray(x, dtype=np.int64) for x in side] for side in enc)
-        p1, p2, _ = pack_parallel(e1, e2, [0] * len(e1), self.seq_len)
+        return [(0, x, y) for x, y in zip(a, b, strict=True)], ["text"]
+
+    @cached_property
+    def parallel(self) -> Any:
+        from probekit.data import ParallelSet, pack_parallel, spread
+
+        texts, names = self._texts()
+        if self.clone_offset:
+            return self._clone_parallel(texts, names)
+        e1, e2 = self._encode([t[1] for t in texts]), self._encode([t[2] for t in texts])
+        p1, p2, labels = pack_parallel(e1, e2, [t[0] for t in texts], self.seq_len)
         order = spread(len(p1), self.options.n_pairs)
         par = ParallelSet(
             [p1[i] for i in order],
             [p2[i] for i in order],
             False,
-            np.zeros(len(order), dtype=int),
-            ["text"],
+            np.asarray([labels[i] for i in order], dtype=int),
+            names,
         )
         if len(par) < 4:
             raise MetricError(
@@ -227,13 +297,68 @@ class ExternalSeries(Series):
             )
         return par
 
+    def _clone_parallel(self, texts: list[tuple[int, str, str]], names: list[str]) -> Any:
+        """One text (the L1 side) chunked per group; L2 = the same ids + clone_offset."""
+        from probekit.data import ParallelSet, spread
+
+        ids1, labels = [], []
+        for group in sorted({t[0] for t in texts}):
+            lines = [t[1] for t in texts if t[0] == group]
+            stream = np.concatenate(self._encode(lines) or [np.zeros(0, dtype=np.int64)])
+            for s in range(0, len(stream) - self.seq_len + 1, self.seq_len):
+                ids1.append(stream[s : s + self.seq_len])
+                labels.append(group)
+        order = spread(len(ids1), self.options.n_pairs)
+        par = ParallelSet(
+            [ids1[i] for i in order],
+            [ids1[i] + self.clone_offset for i in order],
+            True,
+            np.asarray([labels[i] for i in order], dtype=int),
+            names,
+        )
+        if len(par) < 4:
+            raise MetricError(f"--parallel: only {len(par)} sequences of length {self.seq_len}")
+        return par
+
+    def clone_pairs(self) -> np.ndarray:
+        if not self.clone_offset:
+            return super().clone_pairs()
+        ids = np.arange(len(self.tokenizer), dtype=np.int64)
+        return np.stack([ids, ids + self.clone_offset], axis=1)
+
+    @cached_property
+    def _test_texts(self) -> dict[str, tuple[np.ndarray, int]]:
+        from probekit.data import read_lines
+
+        limit = self.options.max_tokens
+        limit = DEFAULT_MAX_TOKENS if limit is None else limit
+        texts = {}
+        for lang, file in self.options.test_files or ():
+            text = "\n".join(read_lines(file, f"--test {lang}"))
+            ids = np.asarray(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            chars = len(text)
+            if len(ids) < 2:
+                raise MetricError(f"--test {lang}={file}: fewer than 2 tokens")
+            if limit and len(ids) > limit:  # a prefix; characters scaled to the same share
+                chars = int(round(chars * limit / len(ids)))
+                ids = ids[:limit]
+            texts[lang] = (ids.astype(np.int64), chars)
+        return texts
+
+    def test_texts(self) -> dict[str, tuple[np.ndarray, int]]:
+        if not self.options.test_files:
+            raise MetricError(
+                f"{self.run_dir}: perplexity needs held-out text: --test LANG=FILE (repeatable)"
+            )
+        return self._test_texts
+
     def check_model(self, model: Any, info: CheckpointInfo) -> None:
-        par = self.parallel
-        top = max(int(x.max()) for x in par.ids1 + par.ids2)
-        if top >= model.config.vocab_size:
+        n_tok, n_model = len(self.tokenizer), int(model.config.vocab_size)
+        # a model's embedding may be padded past the tokenizer (Pythia: 50,277 of 50,304)
+        if n_tok > n_model:
             raise RunDirError(
-                f"{info.path}: token id {top} of the parallel text is outside the "
-                f"model's vocabulary ({model.config.vocab_size}); wrong tokenizer?"
+                f"{info.path}: the tokenizer ({self.tokenizer_path}) has {n_tok} tokens, the "
+                f"checkpoint's vocabulary {n_model}: wrong tokenizer?"
             )
 
     def attrs(self, parallel: bool) -> dict:
@@ -241,22 +366,21 @@ class ExternalSeries(Series):
             "p": float("nan"),
             "schedule": "",
             "parallel_files": self.files,
+            "architecture": self.view.arch,
         }
 
 
 def open_series(path: str | Path, options: AnalysisOptions) -> Series:
-    """A probekit run directory, or any HF checkpoint series when parallel files are given."""
+    """A probekit run directory, or any HF checkpoint series (a folder of checkpoint folders or
+    a local hub cache)."""
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"run directory not found: {path}")
-    if options.parallel_files:
-        return ExternalSeries(path, options)
-    if not (path / "config.toml").is_file():
-        raise RunDirError(
-            f"{path}: not a probekit run (no config.toml); to analyse another "
-            f"checkpoint series pass --parallel L1.txt L2.txt"
-        )
-    return RunSeries(path, options)
+    if (path / "config.toml").is_file() and not (
+        options.parallel_files or options.test_files or options.hub_model or options.revisions
+    ):
+        return RunSeries(path, options)
+    return ExternalSeries(path, options)
 
 
 @functools.lru_cache(maxsize=4)

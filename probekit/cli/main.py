@@ -51,6 +51,52 @@ def _cluster_options(fn):
     )(fn)
 
 
+def _foreign_options(fn):
+    """--tokenizer, --model and --revisions: where any HF checkpoint series comes from."""
+    fn = click.option(
+        "--revisions",
+        default=None,
+        metavar="REV,REV",
+        help="A hub cache: revisions to analyse, comma-separated, e.g. step1000,step2000 "
+        "(default: every cached revision whose name holds a step; the step is read from it).",
+    )(fn)
+    fn = click.option(
+        "--model",
+        default=None,
+        metavar="ORG/NAME",
+        help="A local Hugging Face hub cache: the cached model to analyse (nothing is fetched).",
+    )(fn)
+    return click.option(
+        "--tokenizer",
+        default=None,
+        help="Any HF checkpoint series: tokenizer folder (default: first checkpoint's).",
+    )(fn)
+
+
+def _series_dir(run_dir: Path, model: str | None) -> Path:
+    """A hub cache's model folder (models--ORG--NAME), where its cube is stored; else RUN_DIR."""
+    from probekit.checkpoints import hub_model_dir
+
+    hub = hub_model_dir(run_dir, model) if Path(run_dir).is_dir() else None
+    return hub if hub is not None else run_dir
+
+
+def _revisions(value: str | None) -> tuple[str, ...] | None:
+    if not value or value.strip() == "all":
+        return None
+    return tuple(r.strip() for r in value.split(",") if r.strip())
+
+
+def _tests(values: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
+    out = []
+    for v in values:
+        lang, sep, file = v.partition("=")
+        if not sep or not lang or not file:
+            raise click.BadParameter(f"expected LANG=FILE, got {v!r}", param_hint="--test")
+        out.append((lang, file))
+    return tuple(out) or None
+
+
 def _steps(value: str | None) -> list[int] | None:
     if not value:
         return None
@@ -177,13 +223,17 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     "parallel_files",
     nargs=2,
     default=None,
-    help="Any HF checkpoint series: two line-aligned text files (L1 L2).",
+    help="Any HF checkpoint series: two line-aligned text files (L1 L2), or the shipped "
+    "held-out Bible books in two languages, e.g. bible:en bible:fr (probes get book labels).",
 )
 @click.option(
-    "--tokenizer",
+    "--clone-offset",
+    type=int,
     default=None,
-    help="Any HF checkpoint series: tokenizer folder (default: first checkpoint's).",
+    metavar="V",
+    help="Any HF series trained on id-shifted clones: L2's id of a token is L1's + V.",
 )
+@_foreign_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
@@ -201,17 +251,23 @@ def align(
     workers,
     scheduler,
     parallel_files,
+    clone_offset,
     tokenizer,
+    model,
+    revisions,
     device,
     quiet,
 ) -> None:
     """Per-layer cross-language similarity (and shared machinery) over training time,
     appended to RUN_DIR/analysis.zarr.
 
-    RUN_DIR is a probekit run, or any folder of Hugging Face checkpoint folders when
-    --parallel gives two line-aligned texts."""
+    RUN_DIR is a probekit run; or any series of Hugging Face checkpoints (a folder of
+    checkpoint-N/, step_N/, global_stepN/ folders, or a local hub cache with --model and
+    --revisions) when --parallel gives the text to compare."""
     from probekit.analysis import align as run_align
     from probekit.options import AnalysisOptions
+
+    run_dir = _series_dir(run_dir, model)
 
     opts = AnalysisOptions(
         pair=tuple(pair.split(",")) if pair else None,
@@ -223,6 +279,9 @@ def align(
         device=device,
         parallel_files=tuple(parallel_files) if parallel_files else None,
         tokenizer=tokenizer,
+        hub_model=model,
+        revisions=_revisions(revisions),
+        clone_offset=clone_offset,
     )
     cube = run_align(
         run_dir,
@@ -267,32 +326,70 @@ def _print_final(cube, names: list[str]) -> None:
 )
 @click.option("--recompute", is_flag=True, help="Recompute checkpoints already stored.")
 @_cluster_options
+@click.option(
+    "--test",
+    "tests",
+    multiple=True,
+    metavar="LANG=FILE",
+    help="Any HF checkpoint series: a language's held-out text (repeatable), e.g. "
+    "--test en=en.txt --test fr=fr.txt.",
+)
+@_foreign_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def eval_cmd(
-    run_dir, steps, stride, tail, max_tokens, recompute, workers, scheduler, device, quiet
+    run_dir,
+    steps,
+    stride,
+    tail,
+    max_tokens,
+    recompute,
+    workers,
+    scheduler,
+    tests,
+    tokenizer,
+    model,
+    revisions,
+    device,
+    quiet,
 ) -> None:
-    """Test perplexity per language for every checkpoint (sliding window), stored as `ppl`."""
-    from probekit.evaluation import evaluate
+    """Test perplexity per language for every checkpoint (sliding window), stored as `ppl`.
 
-    cube = evaluate(
-        run_dir,
-        steps=_steps(steps),
+    RUN_DIR is a probekit run (its held-out test split), or any series of Hugging Face
+    checkpoints (as for align) with --test LANG=FILE per language."""
+    from probekit import engine
+    from probekit.metrics import FAMILIES
+    from probekit.options import AnalysisOptions
+
+    run_dir = _series_dir(run_dir, model)
+    options = AnalysisOptions(
         stride=stride,
         tail=tail,
         max_tokens=max_tokens,
-        recompute=recompute,
         device=device,
-        progress=not quiet,
+        tokenizer=tokenizer,
+        hub_model=model,
+        revisions=_revisions(revisions),
+        test_files=_tests(tests),
+    )
+    # what probekit.evaluation.evaluate does, with the options of a foreign series
+    cube = engine.run(
+        run_dir,
+        [FAMILIES["perplexity"]],
+        steps=_steps(steps),
+        recompute=recompute,
+        options=options,
         workers=workers,
         scheduler=scheduler,
+        progress=not quiet,
+        explicit=True,
+        label="eval",
     )
     last = cube.isel(step=-1)
     for lang in cube["language"].values:
-        click.echo(
-            f"{lang}: ppl {float(last['ppl'].sel(language=lang)):.3f} at step {int(last['step'])}"
-        )
+        ppl, ppl_char = (float(last[v].sel(language=lang)) for v in ("ppl", "ppl_char"))
+        click.echo(f"{lang}: ppl {ppl:.3f} (per char {ppl_char:.3f}) at step {int(last['step'])}")
 
 
 @cli.command()
@@ -370,25 +467,34 @@ def sweep(grid, out, launch_list, analyse, device, quiet) -> None:
 
 
 @cli.command()
-@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument(
+    "run_dirs",
+    nargs=-1,
+    required=True,
+    metavar="RUN_DIR... | SWEEP_DIR",
+    type=click.Path(path_type=Path),
+)
 @click.option(
     "--out",
     "out",
     required=True,
     type=click.Path(path_type=Path),
-    help="Folder for index.html and PNGs.",
+    help="Folder for index.html, report.json and the PNGs.",
 )
 @click.option("--title", default="probekit report", show_default=True)
 @click.option(
     "--sweep-table",
     type=click.Path(path_type=Path),
     default=None,
-    help="CSV from `probekit teff --csv` for the TEff-vs-p chart.",
+    help="teff.csv from `probekit sweep` or `probekit teff --csv`: TEff controls and transfer "
+    "in the findings and the TEff-vs-p chart (a sweep folder's own teff.csv is read without it).",
 )
 @_friendly
 def report(run_dirs, out, title, sweep_table) -> None:
-    """Self-contained HTML report (and a PNG of every chart) from one or more runs' cubes."""
-    from probekit.reporting import make_report
+    """Self-contained HTML report from run folders (findings first, sections by question, a
+    PNG per chart), or from ONE sweep folder (`probekit sweep --out DIR`: run folders with
+    config.toml and a teff.csv) as one page for the grid."""
+    from probekit.report import make_report
 
     path = make_report(list(run_dirs), out, title=title, sweep_table=sweep_table)
     click.echo(f"report: {path}")

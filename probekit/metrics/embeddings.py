@@ -239,14 +239,15 @@ class Embeddings(Family):
 
     def compute(self, ctx: CheckpointContext) -> xr.Dataset:
         pairs = ctx.series.clone_pairs()
-        freq = ctx.series.token_frequency(pairs[:, 0])
-        return xr.merge(
-            [
-                embedding_similarity(ctx.model, pairs).to_dataset(name="embed_cos"),
+        parts = [embedding_similarity(ctx.model, pairs).to_dataset(name="embed_cos")]
+        try:  # an external clone series has no training corpus to count tokens in
+            freq = ctx.series.token_frequency(pairs[:, 0])
+        except MetricError:
+            freq = None
+        if freq is not None:
+            parts.append(
                 embedding_similarity_by_freq(ctx.model, pairs, freq).to_dataset(
                     name="embed_cos_by_freq"
-                ),
-            ],
-            compat="override",
-            join="outer",
-        )
+                )
+            )
+        return xr.merge(parts, compat="override", join="outer")

@@ -253,8 +253,8 @@ class Probes(Family):
     needs = Needs(activations=frozenset({"resid"}))
 
     def applies(self, series) -> str | None:  # noqa: ANN001 - a probekit.series.Series
-        if series.mode == "external":
-            return "probes need labelled parallel data (the shipped Bible books); none here"
+        if series.mode == "external" and not getattr(series, "labelled", False):
+            return "probes need labelled parallel data (--parallel bible:en bible:fr); none here"
         return None
 
     def start(self, ctx: CheckpointContext) -> _ProbeRun:
