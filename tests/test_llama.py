@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -151,3 +152,23 @@ def test_eval_gives_finite_perplexity(llama_run):
     # the trained model beats its initialisation
     first, last = cube["ppl"].sel(step=0), cube["ppl"].sel(step=12)
     assert float(last.mean()) < float(first.mean())
+
+
+def test_align_families_run_on_a_llama_series(llama_run, tmp_path):
+    import shutil
+
+    from probekit.analysis import align
+    from probekit.options import AnalysisOptions
+
+    run = tmp_path / "run"
+    shutil.copytree(llama_run, run, ignore=shutil.ignore_patterns("analysis.zarr"))
+    opts = AnalysisOptions(n_pairs=8, n_grad_pairs=4)
+    cube = align(
+        run,
+        metrics=["similarity", "neurons", "gradients", "embeddings"],
+        steps=[12],
+        options=opts,
+        progress=False,
+    ).sel(step=12)
+    for var in ("hidden_cos", "cka", "grad_cos", "embed_cos", "neuron_overlap"):
+        assert var in cube and np.isfinite(cube[var].values).any(), var
