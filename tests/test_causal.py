@@ -222,3 +222,43 @@ def test_cli_errors_and_names(tmp_path: Path, copied):
         + ["--seq-len", "16", "--recompute"],
     )
     assert res.exit_code == 0, res.output
+
+
+def test_patching_layer_0_swaps_the_token_and_layer_l_is_l1s_prediction(tiny_run: Path):
+    """On a trained clone model: patching L1's embedding-output state at t equals feeding L2's
+    text with its token t swapped for the L1 clone; patching the last layer's state makes the
+    prediction at t exactly L1's own."""
+    from probekit.metrics.base import CheckpointContext
+    from probekit.metrics.lens import collapse_map
+    from probekit.metrics.patching import _positions, collapsed_ce, patching
+
+    opts = AlignOptions(n_pairs=4, seq_len=16, batch_size=3).validated()
+    series = open_series(tiny_run, opts)
+    model = load_checkpoint(list_checkpoints(tiny_run)[-1])
+    view = ModelView.from_config(model.config)
+    ds = patching(CheckpointContext(model, view, series, opts), positions=3)
+    canon = torch.as_tensor(collapse_map(series.vocab, view.vocab_size))
+    par = series.parallel
+    swapped, own, none = [], [], []
+    with torch.no_grad():
+        for s1, s2 in zip(par.ids1, par.ids2, strict=True):
+            for t in _positions(len(s1), 3):
+                target = torch.as_tensor([s2[t + 1]])
+                ids = torch.as_tensor(s2).clone()
+                none.append(collapsed_ce(model(ids[None]).logits[0, t : t + 1], target, canon))
+                ids[t] = int(s1[t])
+                swapped.append(collapsed_ce(model(ids[None]).logits[0, t : t + 1], target, canon))
+                l1 = model(torch.as_tensor(s1)[None]).logits[0, t : t + 1]
+                own.append(collapsed_ce(l1, target, canon))
+    ce = ds["patch_ce"]
+    last = view.n_layers
+    assert float(ce.sel(layer=0, condition="same_text")) == pytest.approx(
+        float(torch.cat(swapped).mean()), abs=1e-4
+    )
+    assert float(ce.sel(layer=last, condition="same_text")) == pytest.approx(
+        float(torch.cat(own).mean()), abs=1e-4
+    )
+    assert float(ce.sel(layer=1, condition="none")) == pytest.approx(
+        float(torch.cat(none).mean()), abs=1e-4
+    )
+    assert ds.attrs["n_positions"] == len(none)
