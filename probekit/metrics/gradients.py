@@ -589,8 +589,10 @@ class Gradients(Family):
     def compute(self, ctx: CheckpointContext) -> xr.Dataset:
         par = ctx.series.parallel
         n = min(ctx.options.n_grad_pairs, len(par))
-        ids1, m1 = pad_batch(par.ids1[:n])
-        ids2, m2 = pad_batch(par.ids2[:n])
+        dev = next(ctx.model.parameters()).device
+        ids1, m1, ids2, m2 = (
+            t.to(dev) for t in (*pad_batch(par.ids1[:n]), *pad_batch(par.ids2[:n]))
+        )
         with torch.enable_grad():
             if type(ctx.model).__name__ == "GPT2LMHeadModel":  # the fast ghost path
                 da = gradient_alignment(ctx.model, ids1, m1, ids2, m2)
