@@ -24,7 +24,7 @@ import xarray as xr
 from probekit import store
 from probekit.checkpoints import CheckpointInfo, load_checkpoint, select_checkpoints
 from probekit.errors import MetricError, ProbekitError, RunDirError
-from probekit.hooks import load_bridge, pad_batch, run_activations
+from probekit.hooks import Activations, load_bridge, pad_batch, run_activations
 from probekit.metrics import FAMILIES, CheckpointContext, Family, PairBatch
 from probekit.model_view import ModelView
 from probekit.options import AnalysisOptions
@@ -110,9 +110,13 @@ def compute_checkpoint(
     if info is None:
         raise RunDirError(f"{path}: no checkpoint for step {step}")
     fams = [FAMILIES[n] for n in names]
+    # what lives now (the series, imported modules) outlives this checkpoint: the collection
+    # below then scans only what this checkpoint created (a full one took ~0.5 s per step)
+    gc.freeze()
     model = load_checkpoint(info, device=options.device)
     series.check_model(model, info)
-    ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options)
+    final = step == series.checkpoints()[-1].step
+    ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options, final)
     # one-call families first: booting the bridge rewraps the model's modules in place
     out = {f.name: f.compute(ctx) for f in fams if not f.streamed}
     streamed = [f for f in fams if f.streamed]
@@ -126,31 +130,118 @@ def compute_checkpoint(
 
 @torch.no_grad()
 def _stream_pairs(ctx: CheckpointContext, families: list[Family]) -> dict[str, xr.Dataset]:
-    """One pass over the parallel pairs feeds every activation family's accumulator."""
-    series, opts, view = ctx.series, ctx.options, ctx.view
+    """One pass over the parallel pairs feeds every activation family's accumulator.
+
+    Two forwards per batch (L1, L2). The different-text baseline pairs L1 of pair i with L2
+    of pair i + 1 (the last pair with pair 0): those L2 activations are already computed, so
+    batch k is handed over once batch k + 1's L2 side exists (at most two batches alive).
+    """
+    series, opts = ctx.series, ctx.options
     kinds = set().union(*(f.needs.activations for f in families))
     baseline = any(f.needs.baseline for f in families)
     runs = {f.name: f.start(ctx) for f in families}
-    bridge = load_bridge(ctx.model, series.tokenizer, view, device=opts.device)
+    forward = _activation_runner(ctx, "resid" in kinds or baseline, "mlp" in kinds)
     par = series.parallel
-    shifted2 = par.ids2[1:] + par.ids2[:1]  # different-text baseline: pair i with i + 1
 
-    resid, mlp = "resid" in kinds, "mlp" in kinds
-    for start in range(0, len(par), opts.batch_size):
-        idx = np.arange(start, min(start + opts.batch_size, len(par)))
-        batch = PairBatch(
-            idx,
-            run_activations(bridge, *pad_batch([par.ids1[i] for i in idx]), view, resid, mlp),
-            run_activations(bridge, *pad_batch([par.ids2[i] for i in idx]), view, resid, mlp),
-            run_activations(bridge, *pad_batch([shifted2[i] for i in idx]), view)
-            if baseline
-            else None,
-        )
+    def hand_over(idx: np.ndarray, a1: Activations, a2: Activations, nxt: Activations) -> None:
+        other = _rows([(a2, r) for r in range(1, len(idx))] + [(nxt, 0)]) if baseline else None
+        batch = PairBatch(idx, a1, a2, other)
         for acc in runs.values():
             acc.update(batch)
-        del batch
+
+    first = pending = None
+    for start in range(0, len(par), opts.batch_size):
+        idx = np.arange(start, min(start + opts.batch_size, len(par)))
+        a1 = forward([par.ids1[i] for i in idx])
+        a2 = forward([par.ids2[i] for i in idx])
+        if baseline and first is None:
+            first = _rows([(a2, 0)])  # the last pair's baseline partner (wrap-around)
+        if pending is not None:
+            hand_over(*pending, a2)
+        pending = (idx, a1, a2)
         _release_heap()
+    if pending is not None:
+        hand_over(*pending, first)
+    del pending, first
+    _release_heap()
     return {name: acc.result() for name, acc in runs.items()}
+
+
+def _rows(parts: list[tuple[Activations, int]]) -> Activations:
+    """A batch made of single sequences of other batches (residual stream only), right-padded
+    to its own longest sequence; padded positions hold zeros (no family reads them)."""
+    lengths = [int(a.mask[r].sum()) for a, r in parts]
+    t = max(lengths)
+    a0 = parts[0][0].resid
+    resid = a0.new_zeros((a0.shape[0], len(parts), t, a0.shape[3]))
+    mask = torch.zeros((len(parts), t), dtype=torch.bool)
+    for b, ((a, r), n) in enumerate(zip(parts, lengths, strict=True)):
+        resid[:, b, :n] = a.resid[:, r, :n]
+        mask[b, :n] = True
+    return Activations(resid, None, mask)
+
+
+# Hugging Face model types whose hooks the driver reads straight from the model: the
+# residual stream is the input of block 0 and each block's output, the MLP activations are
+# the input of the MLP's output projection (exactly what the bridge's hooks hold). Any other
+# architecture goes through the TransformerBridge.
+_DIRECT_MLP_INPUT = {"gpt2": "mlp.c_proj"}
+
+
+def _activation_runner(
+    ctx: CheckpointContext, resid: bool, mlp: bool
+) -> Callable[[list], Activations]:
+    """seqs -> Activations of one padded batch: forward hooks on the HF model where the
+    architecture is known (one plain forward of the base model, no LM head), else the bridge."""
+    model, view, opts = ctx.model, ctx.view, ctx.options
+    mlp_input = _DIRECT_MLP_INPUT.get(getattr(model.config, "model_type", ""))
+    if mlp_input is None or os.environ.get("PROBEKIT_BRIDGE") == "1":
+        bridge = load_bridge(model, ctx.series.tokenizer, view, device=opts.device)
+        return lambda seqs: run_activations(bridge, *pad_batch(seqs), view, resid, mlp)
+
+    blocks = model.get_submodule(view.blocks)
+    body = model.base_model  # the transformer without the LM head
+    device = next(model.parameters()).device
+
+    def run_batch(seqs: list) -> Activations:
+        ids, mask = pad_batch(seqs)
+        res: list = [None] * (len(blocks) + 1)
+        act: list = [None] * len(blocks)
+        handles = []
+
+        def pre0(_mod, args, kwargs):  # noqa: ANN001, ANN202
+            res[0] = args[0] if args else kwargs["hidden_states"]
+
+        def post(i: int):  # noqa: ANN202
+            def hook(_mod, _args, out):  # noqa: ANN001, ANN202
+                res[i + 1] = out[0] if isinstance(out, tuple) else out
+
+            return hook
+
+        def mlp_in(i: int):  # noqa: ANN202
+            def hook(_mod, args):  # noqa: ANN001, ANN202
+                act[i] = args[0]
+
+            return hook
+
+        try:
+            if resid:
+                handles.append(blocks[0].register_forward_pre_hook(pre0, with_kwargs=True))
+                handles += [b.register_forward_hook(post(i)) for i, b in enumerate(blocks)]
+            if mlp:
+                handles += [
+                    b.get_submodule(mlp_input).register_forward_pre_hook(mlp_in(i))
+                    for i, b in enumerate(blocks)
+                ]
+            body(input_ids=ids.to(device), use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        r = torch.stack(res).float().cpu() if resid else None
+        m = torch.stack(act).float().cpu() if mlp else None
+        return Activations(r, m, mask)
+
+    return run_batch
 
 
 def _release_heap() -> None:

@@ -78,7 +78,7 @@ def test_every_registered_family_has_the_protocol():
     for fam in metrics.FAMILIES.values():
         assert fam.name.isidentifier() and fam.variables, fam
         assert isinstance(fam.needs, Needs)
-        assert fam.command in ("align", "eval", "teff")
+        assert fam.command in ("align", "eval", "teff", "causal")
     names = [v.name for f in metrics.FAMILIES.values() for v in f.variables]
     assert "hidden_cos" in names and "ppl" in names and "grad_cos" in names
     assert metrics.family_of("hidden_cos_baseline").name == "similarity"
@@ -102,13 +102,18 @@ def test_a_new_family_reaches_cube_cli_help_and_report(run: Path, resid_norm, tm
 
 
 def test_the_example_family_is_computed_in_the_shared_forward(run: Path, resid_norm, monkeypatch):
-    """Similarity and the new family together: one forward per language and batch (plus the
-    baseline's), not one per family."""
+    """Similarity and the new family together: one forward per language and batch, not one
+    per family; the different-text baseline reuses the L2 forwards (no third one)."""
     import probekit.engine as engine
 
     calls = []
-    real = engine.run_activations
-    monkeypatch.setattr(engine, "run_activations", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = engine._activation_runner
+
+    def counting(*a, **k):
+        forward = real(*a, **k)
+        return lambda seqs: calls.append(1) or forward(seqs)
+
+    monkeypatch.setattr(engine, "_activation_runner", counting)
     final = probekit.list_checkpoints(run)[-1].step
     probekit.align(
         run,
@@ -119,7 +124,7 @@ def test_the_example_family_is_computed_in_the_shared_forward(run: Path, resid_n
         progress=False,
     )
     batches = -(-OPTS.n_pairs // OPTS.batch_size)
-    assert len(calls) == 3 * batches  # L1, L2, different-text L2
+    assert len(calls) == 2 * batches  # L1, L2; the baseline reuses L2 of pair i + 1
 
 
 @pytest.mark.parametrize(

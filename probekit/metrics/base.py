@@ -51,6 +51,7 @@ class CheckpointContext:
     view: ModelView
     series: Series
     options: AnalysisOptions
+    final: bool = True  # the series' last checkpoint (eval scores it on more test tokens)
 
 
 @dataclass

@@ -287,7 +287,7 @@ def _map_r2(fit: dict, test: dict, kind: str, ridge: float) -> np.ndarray:
         test["nx2"]
         - 2 * np.einsum("lde,lde->l", a, yx_t)
         - 2 * (test["sx"] * b).sum(-1)
-        + np.einsum("lde,ldf,lfe->l", a, test["yy"], a)
+        + ((test["yy"] @ a) * a).sum((1, 2))  # sum_def a_de yy_df a_fe
         + 2 * (np.einsum("ld,lde->le", test["sy"], a) * b).sum(-1)
         + nt * (b * b).sum(-1)
     )
@@ -362,10 +362,13 @@ class _Stream:
 
         # pooled sequences for retrieval (small: [B, L, d] per batch)
         if o._need_retrieval:
-            m1, m2 = mask1.to(torch.float64), mask2.to(torch.float64)
-            p1 = torch.einsum("lbtd,bt->bld", h1.to(torch.float64), m1) / m1.sum(1)[:, None, None]
-            p2 = torch.einsum("lbtd,bt->bld", h2.to(torch.float64), m2) / m2.sum(1)[:, None, None]
-            self.pooled.append((idx.copy(), p1.numpy(), p2.numpy()))
+
+            def pool(h: torch.Tensor, m: torch.Tensor) -> np.ndarray:  # [B, L, d] float64
+                # masked float32 values summed in float64: no float64 copy of the batch
+                s = (h * m[None, :, :, None]).sum(2, dtype=torch.float64)
+                return (s / m.sum(1).to(torch.float64)[None, :, None]).permute(1, 0, 2).numpy()
+
+            self.pooled.append((idx.copy(), pool(h1, mask1), pool(h2, mask2)))
 
         if self.shift is None:
             # fixed shift (mean of the first batch): exact invariance, less cancellation
@@ -376,24 +379,38 @@ class _Stream:
         c1, c2 = self.shift
         groups = idx % o.n_groups if o.n_groups else np.zeros_like(idx)
         keys = list(zip(groups.tolist(), (idx % 2).tolist(), strict=True))
+        # token rows of the flattened [L, B*T, d] batch: one gather per cell and side
+        T1, T2 = h1.shape[2], h2.shape[2]
+        flat1, flat2 = h1.reshape(o.n_layers, -1, o.d_model), h2.reshape(o.n_layers, -1, o.d_model)
+        real1 = [torch.nonzero(mask1[b]).squeeze(1) for b in range(B)]
+        real2 = [torch.nonzero(mask2[b]).squeeze(1) for b in range(B)]
         for key in sorted(set(keys)):
             sel = [b for b in range(B) if keys[b] == key]
             cell = self.cells.get(key)
             if cell is None:
                 cell = self.cells[key] = self._new_cell()
-            self._accumulate(cell, h1, mask1, h2, mask2, sel, rows, cols, cos, c1, c2)
+            cell["n_pairs"] += len(sel)
+            cell["cos_sum"] += torch.from_numpy(cos[:, sel].sum(1))
+            if not o._need_tokens:
+                continue
+            r1 = torch.cat([b * T1 + rows[b] for b in sel])
+            r2 = torch.cat([b * T2 + cols[b] for b in sel])
+            m1 = torch.cat([b * T1 + real1[b] for b in sel])
+            m2 = torch.cat([b * T2 + real2[b] for b in sel])
+            self._accumulate(cell, (flat1, r1, m1, c1), (flat2, r2, m2, c2))
 
-    def _accumulate(self, cell, h1, mask1, h2, mask2, sel, rows, cols, cos, c1, c2) -> None:  # noqa: ANN001
+    def _accumulate(self, cell, side1, side2) -> None:  # noqa: ANN001
+        """Add one cell's tokens: side = (states [L, B*T, d], paired rows, real rows, shift)."""
         o = self.o
-        f64 = torch.float64
-        cell["n_pairs"] += len(sel)
-        cell["cos_sum"] += torch.from_numpy(cos[:, sel].sum(1))
-        if not o._need_tokens:
-            return
-        x = torch.cat([h1[:, b, rows[b]] for b in sel], 1).to(f64) - c1[:, None]
-        y = torch.cat([h2[:, b, cols[b]] for b in sel], 1).to(f64) - c2[:, None]
-        a1 = torch.cat([h1[:, b, mask1[b]] for b in sel], 1).to(f64) - c1[:, None]
-        a2 = torch.cat([h2[:, b, mask2[b]] for b in sel], 1).to(f64) - c2[:, None]
+
+        def rows(flat, idx, shift):  # noqa: ANN001, ANN202 - float64, shifted
+            return flat.index_select(1, idx).to(torch.float64) - shift[:, None]
+
+        (f1, r1, m1, c1), (f2, r2, m2, c2) = side1, side2
+        x, y = rows(f1, r1, c1), rows(f2, r2, c2)
+        # every real token is paired (clones; the shorter side of a matching): same rows
+        a1 = x if torch.equal(r1, m1) else rows(f1, m1, c1)
+        a2 = y if torch.equal(r2, m2) else rows(f2, m2, c2)
         cell["n"] += x.shape[1]
         cell["an1"] += a1.shape[1]
         cell["an2"] += a2.shape[1]
@@ -411,10 +428,12 @@ class _Stream:
             cell["yy"] += y.transpose(1, 2) @ y
             if o._need_cka:
                 cell["xx"] += xt @ x
-                cell["x_nx2"] += (x * nx2[..., None]).sum(1)
-                cell["y_ny2"] += (y * ny2[..., None]).sum(1)
-                cell["x_ny2"] += (x * ny2[..., None]).sum(1)
-                cell["y_nx2"] += (y * nx2[..., None]).sum(1)
+                w = torch.stack([nx2, ny2], 1)  # [L, 2, N]: sum_t x_t |x_t|^2 ... as products
+                xw, yw = torch.bmm(w, x), torch.bmm(w, y)
+                cell["x_nx2"] += xw[:, 0]
+                cell["y_ny2"] += yw[:, 1]
+                cell["x_ny2"] += xw[:, 1]
+                cell["y_nx2"] += yw[:, 0]
                 cell["nx4"] += (nx2 * nx2).sum(1)
                 cell["ny4"] += (ny2 * ny2).sum(1)
                 cell["nx2ny2"] += (nx2 * ny2).sum(1)
