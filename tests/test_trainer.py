@@ -361,3 +361,20 @@ def test_ddp_two_ranks_on_cpu(corpus, tmp_path, monkeypatch):
     # a rank whose gradient is not averaged fails the same check
     unaveraged = grads_of(model, lambda m: forward_backward(m, batch, pad, rank=0, world=2))
     assert grad_mismatches(unaveraged, single["grads"], n_terms) != []
+
+
+def test_gpt2_configs_keep_their_text_and_fingerprint():
+    """model.arch (issue 16) is written only when it is not gpt2: configs and run directories
+    written before it existed keep their config.toml text and fingerprint."""
+    from probekit.config import config_fingerprint
+
+    cfg = load_config(ROOT / "examples" / "clone_90_10.toml")
+    assert config_fingerprint(cfg) == "6fd1432996a7c446"  # the fingerprint before issue 16
+    assert "arch" not in dump_config(cfg)
+    assert load_config({"model": {"arch": "gpt2"}}).to_dict() == load_config({}).to_dict()
+    for path in sorted((ROOT / "examples").glob("*.toml")):
+        raw = path.read_text()
+        if "[grid]" in raw:
+            continue
+        cfg = load_config(path)  # every example loads
+        assert ("arch" in dump_config(cfg)) == (cfg.model.arch != "gpt2"), path.name
