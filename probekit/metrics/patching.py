@@ -32,7 +32,7 @@ from probekit.metrics.base import CheckpointContext, Family, Needs, Variable
 from probekit.metrics.lens import collapse_map, needs_vocabulary
 from probekit.series import Series
 
-POSITIONS = 8  # patched positions per pair (evenly spaced over the sequence)
+POSITIONS = 4  # patched positions per pair (evenly spaced over the sequence)
 CONDITIONS = ["none", "same_text", "different_text"]
 
 _DEFINITIONS = {
@@ -68,7 +68,7 @@ def capture_states(ctx: CheckpointContext, ids: torch.Tensor) -> torch.Tensor:
     handles = [blocks[0].register_forward_pre_hook(pre, with_kwargs=True)]
     handles += [b.register_forward_hook(post) for b in blocks]
     try:
-        ctx.model(ids)
+        ctx.model.base_model(ids, use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -119,7 +119,7 @@ def logits_at(
 ) -> torch.Tensor:
     """Logits [n, V] at the given rows and positions only (the head is applied to those
     final states alone: full [B, T, V] logits would dominate memory for large vocabularies)."""
-    hidden = ctx.model.base_model(ids)[0]  # after the final norm
+    hidden = ctx.model.base_model(ids, use_cache=False)[0]  # after the final norm
     return ctx.view.unembedding(ctx.model)(hidden[rows.to(hidden.device), pos.to(hidden.device)])
 
 
@@ -151,29 +151,32 @@ def patching(ctx: CheckpointContext, positions: int = POSITIONS) -> xr.Dataset:
         ids1, _ = pad_batch([par.ids1[i] for i in idx])
         ids2, _ = pad_batch([par.ids2[i] for i in idx])
         ido, _ = pad_batch([other1[i] for i in idx])
-        rows, pos = [], []
-        for r, i in enumerate(idx):
-            length = min(len(par.ids1[i]), len(par.ids2[i]), len(other1[i]))
-            t = _positions(length, positions)
-            rows += [r] * len(t)
-            pos += t.tolist()
-        if not rows:
-            continue
-        rows_t, pos_t = torch.as_tensor(rows), torch.as_tensor(pos)
-        target = ids2[rows_t, pos_t + 1]
-        # one patched row per (pair, position): the L2 text repeated
-        rep = ids2[rows_t].to(device)
-        sel = torch.arange(len(rows_t))
-        clean = logits_at(ctx, ids2.to(device), rows_t, pos_t).float().cpu()
-        ce_sum[:, 0] += float(collapsed_ce(clean, target, canon).sum())
+        spots = [
+            _positions(min(len(par.ids1[i]), len(par.ids2[i]), len(other1[i])), positions)
+            for i in idx
+        ]
         s1 = capture_states(ctx, ids1.to(device))
         so = capture_states(ctx, ido.to(device))
-        for lay in range(n_layer):
-            for c, src in ((1, s1), (2, so)):
-                values = src[lay][rows_t, pos_t]
-                out = patched_logits(ctx, rep, lay, sel, pos_t, values).float().cpu()
-                ce_sum[lay, c] += float(collapsed_ce(out, target, canon).sum())
-        count += len(rows_t)
+        for k in range(max(len(t) for t in spots)):
+            # the k-th position of every pair: rows cut after it (causal: later tokens
+            # cannot change the prediction at t), one patched row per pair
+            rows = [r for r, t in enumerate(spots) if k < len(t)]
+            rows_t = torch.as_tensor(rows)
+            pos_t = torch.as_tensor([int(spots[r][k]) for r in rows])
+            target = ids2[rows_t, pos_t + 1]
+            rep = ids2[rows_t, : int(pos_t.max()) + 1].to(device)
+            n = len(rows)
+            clean = logits_at(ctx, rep, torch.arange(n), pos_t).float().cpu()
+            ce_sum[:, 0] += float(collapsed_ce(clean, target, canon).sum())
+            both = torch.cat([rep, rep])  # same_text rows, then different_text rows
+            sel, pos2, target2 = torch.arange(2 * n), torch.cat([pos_t, pos_t]), target.repeat(2)
+            for lay in range(n_layer):
+                values = torch.cat([s1[lay][rows_t, pos_t], so[lay][rows_t, pos_t]])
+                out = patched_logits(ctx, both, lay, sel, pos2, values).float().cpu()
+                loss = collapsed_ce(out, target2, canon)
+                ce_sum[lay, 1] += float(loss[:n].sum())
+                ce_sum[lay, 2] += float(loss[n:].sum())
+            count += n
     ce = ce_sum / max(count, 1)
     gap = ce[:, 2] - ce[:, 0]  # how much worse a different text's state is than L2's own
     with np.errstate(divide="ignore", invalid="ignore"):
