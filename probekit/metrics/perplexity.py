@@ -30,6 +30,13 @@ from probekit.series import DEFAULT_MAX_TOKENS, Series
 
 __all__ = ["sliding_window_nll", "perplexity", "perplexity_dataarray", "Perplexity"]
 
+# Without --max-tokens, a checkpoint other than the final one (which TEff reads) scores every
+# 4th window of its 65,536 test tokens per language: 16,384 targets spread evenly over the
+# same text, a quarter of the cost. Relative standard error of the perplexity on the tiny
+# demo (bench/bench_eval_se.py): see bench/README.md; a prefix of the same size would be
+# biased by up to 8 % (the text's start is easier than its rest).
+INTERMEDIATE_EVERY = 4
+
 
 def _plan_windows(n: int, window: int, stride: int, tail: int) -> list[tuple[int, int, int]]:
     """(start, first_scored_target, last_scored_target) per window; targets are stream indices.
@@ -64,8 +71,13 @@ def sliding_window_nll(
     batch_size: int = 16,
     pad_id: int | None = 0,
     device: str | torch.device = "cpu",
+    every: int = 1,
 ) -> tuple[float, int]:
     """Summed next-token NLL (nats) and number of scored targets over one token stream.
+
+    ``every`` > 1 scores only every ``every``-th window of the plan (the first included): a
+    sample of the targets spread evenly over the stream, each with its full context, at
+    1/every of the cost (a prefix of the stream would be a biased sample of a text).
 
     ``model(input_ids).logits`` must be a causal LM's logits (HF ``*LMHeadModel``). Each target
     is scored at most once; with ``scored_tail == stride`` (the default) exactly once, except
@@ -92,8 +104,10 @@ def sliding_window_nll(
         )
     if batch_size < 1:
         raise MetricError(f"perplexity batch_size must be >= 1, got {batch_size}")
+    if every < 1:
+        raise MetricError(f"perplexity every must be >= 1, got {every}")
 
-    plan = _plan_windows(len(tokens), window, stride, scored_tail)
+    plan = _plan_windows(len(tokens), window, stride, scored_tail)[::every]
     w = min(window, len(tokens) - 1)
     stream = torch.as_tensor(tokens.astype(np.int64))
     total = 0.0
@@ -140,19 +154,34 @@ def perplexity(
     batch_size: int = 16,
     pad_id: int | None = 0,
     device: str | torch.device = "cpu",
+    every: int = 1,
 ) -> dict[str, Any]:
     """Token PPL = exp(mean NLL) and per-character PPL = exp(total NLL / n_chars).
 
-    ``n_chars`` is the character count of the text behind the scored tokens; per-character PPL is
-    the one comparable across tokenizers (EN vs FR), token PPL is the paper's column.
+    ``n_chars`` is the character count of the text behind the tokens; per-character PPL is
+    the one comparable across tokenizers (EN vs FR), token PPL is the paper's column. With
+    ``every`` > 1 (a spread sample of the windows) the characters are scaled to the scored
+    share of the targets.
     """
     if n_chars < 1:
         raise MetricError(f"perplexity needs n_chars >= 1, got {n_chars}")
     stride_ = max(1, window // 4) if stride is None else stride
     tail_ = stride_ if scored_tail is None else scored_tail
     nll, n = sliding_window_nll(
-        model, tokens, window, stride_, tail_, batch_size=batch_size, pad_id=pad_id, device=device
+        model,
+        tokens,
+        window,
+        stride_,
+        tail_,
+        batch_size=batch_size,
+        pad_id=pad_id,
+        device=device,
+        every=every,
     )
+    if every > 1:
+        targets = np.asarray(tokens)[1:]
+        total = int((targets != pad_id).sum()) if pad_id is not None else len(targets)
+        n_chars = max(1, int(round(n_chars * n / max(total, 1))))
     return {
         "ppl": math.exp(nll / n),
         "ppl_char": math.exp(nll / n_chars),
@@ -236,6 +265,9 @@ class Perplexity(Family):
 
     def compute(self, ctx: CheckpointContext) -> xr.Dataset:
         opts = ctx.options
+        # the default: the final checkpoint (TEff's) scores every window of its test tokens,
+        # the others every INTERMEDIATE_EVERY-th window (spread over the same tokens)
+        every = INTERMEDIATE_EVERY if opts.max_tokens is None and not ctx.final else 1
         results = {
             lang: perplexity(
                 ctx.model,
@@ -245,10 +277,12 @@ class Perplexity(Family):
                 stride=opts.stride,
                 scored_tail=opts.tail,
                 device=opts.device,
+                every=every,
             )
             for lang, (ids, chars) in ctx.series.test_texts().items()
         }
         ds = perplexity_dataarray(results)
         limit = DEFAULT_MAX_TOKENS if opts.max_tokens is None else opts.max_tokens
         ds["ppl"].attrs["max_tokens"] = int(limit)
+        ds["ppl"].attrs["window_every"] = int(every)
         return ds
