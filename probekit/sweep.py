@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
+import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,8 +216,16 @@ def run_sweep(
     analyse: bool = True,
     device: str | None = None,
     progress: bool = True,
+    scheduler: str | None = None,
 ) -> str:
-    """Train every run of the grid not yet finished (then evaluate, align and tabulate TEff)."""
+    """Train every run of the grid not yet finished (then evaluate, align and tabulate TEff).
+
+    With `scheduler` (a dask.distributed address, or $PROBEKIT_DASK_SCHEDULER) each run's
+    training, then each run's analysis, is one task on that cluster; the sweep waits for them.
+    Finished work is skipped either way (training resumes, stored checkpoints are kept). The
+    workers must see `out` at the same path (a shared filesystem).
+    """
+    from probekit.engine import SCHEDULER_ENV
     from probekit.training import train
 
     out = Path(out)
@@ -231,13 +241,23 @@ def run_sweep(
             f"{len(planned)} runs planned; one `probekit train` command per line in {launch_list} "
             f'(e.g. a job array: sed -n "${{SLURM_ARRAY_TASK_ID}}p" {launch_list} | sh)'
         )
-    for i, run in enumerate(planned, 1):
+    scheduler = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    if scheduler:
+        tasks = [(_train_run, cfg_dir / f"{r.name}.toml", out / r.name, device) for r in planned]
+        _on_cluster(scheduler, tasks, [f"train {r.name}" for r in planned], progress)
+    for i, run in enumerate([] if scheduler else planned, 1):
         if progress:
             print(f"[{i}/{len(planned)}] {run.kind} {run.name}")
         train(cfg_dir / f"{run.name}.toml", out / run.name, device=device, progress=progress)
     if not analyse:
         return f"{len(planned)} runs trained in {out}"
-    return analyse_sweep(planned, out, progress=progress, options=analysis_options(Path(grid)))
+    return analyse_sweep(
+        planned,
+        out,
+        progress=progress,
+        options=analysis_options(Path(grid)),
+        scheduler=scheduler,
+    )
 
 
 ANALYSIS_DEFAULTS = {"metrics": "all", "n_pairs": 64, "seq_len": None, "eval_max_tokens": None}
@@ -252,23 +272,78 @@ def analysis_options(grid: Path) -> dict:
     return ANALYSIS_DEFAULTS | given
 
 
-def analyse_sweep(
-    planned: list[PlannedRun], out: Path, progress: bool = True, options: dict | None = None
-) -> str:
+def _train_run(config: Path, out: Path, device: str | None) -> None:
+    """One run's training as a cluster task (finished runs return at once)."""
+    from probekit.training import train
+
+    train(config, out, device=device, progress=False)
+
+
+def analyse_run(path: Path, kind: str, options: dict, progress: bool = False) -> None:
+    """One run's analysis, in any process: a run is evaluated and aligned at every
+    checkpoint; a reference or control is evaluated at its final checkpoint (TEff reads it).
+    Always serial here: on a dask worker the cluster already spreads the runs."""
     from probekit.analysis import AlignOptions, align
     from probekit.checkpoints import list_checkpoints
-    from probekit.evaluation import evaluate, seed_summary, teff_table
+    from probekit.engine import SCHEDULER_ENV
+    from probekit.evaluation import evaluate
+
+    os.environ.pop(SCHEDULER_ENV, None)  # never resubmit from inside a task
+    opts = ANALYSIS_DEFAULTS | options
+    if kind == "run":
+        align_opts = AlignOptions(n_pairs=opts["n_pairs"], seq_len=opts["seq_len"])
+        evaluate(path, max_tokens=opts["eval_max_tokens"], progress=progress)
+        align(path, metrics=opts["metrics"], options=align_opts, progress=progress)
+    else:
+        evaluate(path, steps=[list_checkpoints(path)[-1].step], progress=progress)
+
+
+def _on_cluster(scheduler: str, tasks: list[tuple], names: list[str], progress: bool) -> None:
+    """Run (function, *args) tasks on a dask scheduler and wait; the first failure raises."""
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError:
+        raise ProbekitError(
+            "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
+        ) from None
+    try:
+        client = Client(scheduler, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        raise ProbekitError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
+    try:
+        futures = {
+            client.submit(fn, *args, pure=False, key=f"{name}-{uuid.uuid4().hex[:8]}"): name
+            for (fn, *args), name in zip(tasks, names, strict=True)
+        }
+        for fut in as_completed(futures):
+            fut.result()  # re-raises a task's error here
+            if progress:
+                print(f"done: {futures[fut]}")
+    finally:
+        client.close()
+
+
+def analyse_sweep(
+    planned: list[PlannedRun],
+    out: Path,
+    progress: bool = True,
+    options: dict | None = None,
+    scheduler: str | None = None,
+) -> str:
+    from probekit.evaluation import seed_summary, teff_table
 
     opts = ANALYSIS_DEFAULTS | (options or {})
-    align_opts = AlignOptions(n_pairs=opts["n_pairs"], seq_len=opts["seq_len"])
     runs = [r for r in planned if r.kind == "run"]
     refs = [out / r.name for r in planned if r.kind == "reference"]
     ctrls = [out / r.name for r in planned if r.kind == "control"]
-    for r in runs:
-        evaluate(out / r.name, max_tokens=opts["eval_max_tokens"], progress=progress)
-        align(out / r.name, metrics=opts["metrics"], options=align_opts, progress=progress)
-    for path in refs + ctrls:  # teff_table reads their final perplexity (the whole test set)
-        evaluate(path, steps=[list_checkpoints(path)[-1].step], progress=progress)
+    # runs first (the long ones), then references and controls
+    order = runs + [r for r in planned if r.kind != "run"]
+    if scheduler:
+        tasks = [(analyse_run, out / r.name, r.kind, opts) for r in order]
+        _on_cluster(scheduler, tasks, [f"analyse {r.name}" for r in order], progress)
+    else:
+        for r in order:
+            analyse_run(out / r.name, r.kind, opts, progress=progress)
     lines = []
     try:
         table = teff_table([out / r.name for r in runs], refs, controls=ctrls)

@@ -453,15 +453,30 @@ def teff(run_dirs, references, controls, method, csv_path) -> None:
     help="Run align and eval after training.",
 )
 @click.option("--device", default=None, help="Training device.")
+@click.option(
+    "--scheduler",
+    default=None,
+    metavar="ADDRESS",
+    help="A dask.distributed scheduler (e.g. tcp://host:8786; default "
+    "$PROBEKIT_DASK_SCHEDULER): each run's training, then its analysis, is one task there; "
+    "the sweep waits. The workers must see --out at the same path (a shared filesystem).",
+)
 @click.option("--quiet", is_flag=True)
 @_friendly
-def sweep(grid, out, launch_list, analyse, device, quiet) -> None:
+def sweep(grid, out, launch_list, analyse, device, scheduler, quiet) -> None:
     """Expand a grid (p, schedules, clones, vocab mode, seeds, budgets) into runs and
-    their monolingual references; train the ones not finished, one after another."""
+    their monolingual references; train the ones not finished, one after another (or on a
+    dask cluster with --scheduler)."""
     from probekit.sweep import run_sweep
 
     summary = run_sweep(
-        grid, out, launch_list=launch_list, analyse=analyse, device=device, progress=not quiet
+        grid,
+        out,
+        launch_list=launch_list,
+        analyse=analyse,
+        device=device,
+        progress=not quiet,
+        scheduler=scheduler,
     )
     click.echo(summary)
 
