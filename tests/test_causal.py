@@ -262,3 +262,34 @@ def test_patching_layer_0_swaps_the_token_and_layer_l_is_l1s_prediction(tiny_run
         float(torch.cat(none).mean()), abs=1e-4
     )
     assert ds.attrs["n_positions"] == len(none)
+
+
+def test_real_pair_lens_and_refused_patching(tmp_path: Path):
+    """EN-FR with disjoint vocabularies: the lens splits mass over EN, FR and shared ids;
+    patching (needs aligned positions) is a one-line error when named."""
+    from probekit.training import train
+
+    cfg = {
+        "data": {
+            "mode": "pair",
+            "p": 0.5,
+            "sources": {"en": ["bible:web"], "fr": ["bible:segond"]},
+        },
+        "tokenizer": {"vocab_size": 300},
+        "model": {"preset": "nano"},
+        "train": {"steps": 4, "batch_size": 4},
+        "eval": {"n_sequences": 2},
+    }
+    run = tmp_path / "enfr"
+    train(cfg, run, progress=False)
+    with pytest.raises(MetricError, match="token-aligned") as err:
+        align(run, metrics="patching", options=OPTS, progress=False)
+    assert "\n" not in str(err.value)
+    step = list_checkpoints(run)[-1].step
+    cube = align(run, metrics="lens", steps=[step], options=OPTS, progress=False).sel(step=step)
+    mass = cube["lens_mass"].dropna("layer", how="all")
+    assert list(mass["vocab_language"].values) == ["EN", "FR", "shared"]
+    np.testing.assert_allclose(mass.sum("vocab_language").values, 1.0, atol=1e-6)
+    acc = cube["lens_acc"].dropna("layer", how="all")
+    collapsed = cube["lens_acc_collapsed"].dropna("layer", how="all")
+    np.testing.assert_allclose(acc.values, collapsed.values)  # no clone map: identity
