@@ -14,7 +14,7 @@ from click.testing import CliRunner
 import probekit
 from probekit.cli.main import cli
 from probekit.hooks import load_bridge, pad_batch, run_activations
-from probekit.metrics.gradients import gradient_alignment_general
+from probekit.metrics.gradients import gradient_alignment_general, mean_paper_tensors
 from probekit.model_view import ModelView
 
 ARCHS = ("gpt2", "gpt_neox", "llama", "qwen2", "olmo", "olmo2", "bloom")
@@ -152,6 +152,7 @@ def test_gradient_of_a_sequence_with_itself(arch: str):
     empty = [str(t) for t in da["tensor"].values if np.isnan(da.sel(tensor=t)).all()]
     assert empty == (["attn.k.bias"] if arch == "bloom" else [])
     assert da.sizes["layer"] == view.n_layers + 2
+    assert mean_paper_tensors(da) == pytest.approx(1.0, abs=1e-9)
 
 
 def test_general_gradients_equal_gpt2_fast_path():

@@ -567,10 +567,18 @@ def _add(stats: dict, key: tuple[int, str], dots) -> None:  # noqa: ANN001
 
 def mean_paper_tensors(grad_cos: xr.DataArray) -> float:
     """The paper's "Mean": unweighted mean over PAPER_TENSORS x blocks 1..L (NaN cells, i.e.
-    attn.k.bias, skipped)."""
+    attn.k.bias, skipped). Other architectures: over their block tensors (canonical names,
+    a fused QKV counted as its q, k, v split)."""
     # blocks only: layer 0 (embeddings) and, where present, L+1 (ln_f, lm_head) hold none of
     # the paper's tensors, so their cells are NaN and drop out of the mean either way
-    sub = grad_cos.sel(layer=grad_cos.layer >= 1, tensor=PAPER_TENSORS)
+    names = PAPER_TENSORS
+    if "raw" in grad_cos.coords:  # other architectures: every block tensor, QKV as split
+        names = [
+            t
+            for t in grad_cos["tensor"].values
+            if t != "block" and not str(t).startswith("attn.qkv")
+        ]
+    sub = grad_cos.sel(layer=grad_cos.layer >= 1, tensor=names)
     val = float(sub.mean())
     return val if not math.isnan(val) else float("nan")
 
