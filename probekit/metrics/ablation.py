@@ -55,6 +55,7 @@ class _Hooked(torch.nn.Module):
     def __init__(self, bridge, hooks: list):
         super().__init__()
         self.bridge, self.hooks = bridge, hooks
+        self.eval()  # perplexity restores the mode it found: keep that eval (no dropout)
 
     def forward(self, ids: torch.Tensor) -> SimpleNamespace:
         return SimpleNamespace(logits=self.bridge.run_with_hooks(ids, fwd_hooks=self.hooks))

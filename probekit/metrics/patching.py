@@ -89,7 +89,8 @@ def patched_logits(
 
     def patch(hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden.clone()
-        hidden[rows, pos] = values.to(hidden.dtype)
+        at = (rows.to(hidden.device), pos.to(hidden.device))
+        hidden[at] = values.to(hidden.device, hidden.dtype)
         return hidden
 
     if layer == 0:
@@ -171,7 +172,8 @@ def patching(ctx: CheckpointContext, positions: int = POSITIONS) -> xr.Dataset:
             both = torch.cat([rep, rep])  # same_text rows, then different_text rows
             sel, pos2, target2 = torch.arange(2 * n), torch.cat([pos_t, pos_t]), target.repeat(2)
             for lay in range(n_layer):
-                values = torch.cat([s1[lay][rows_t, pos_t], so[lay][rows_t, pos_t]])
+                at = (rows_t.to(s1.device), pos_t.to(s1.device))
+                values = torch.cat([s1[lay][at], so[lay][at]])
                 out = patched_logits(ctx, both, lay, sel, pos2, values).float().cpu()
                 loss = collapsed_ce(out, target2, canon)
                 ce_sum[lay, 1] += float(loss[:n].sum())
