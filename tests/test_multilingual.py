@@ -151,3 +151,22 @@ def test_shipped_bibles_have_the_same_verse_keys_per_split():
     # and the parallel verses of the languages' default Bibles are aligned one to one
     parallel = {k for k in (corpus.bible_verses("web")) if corpus.book_split(k[0]) == "parallel"}
     assert len(corpus.language_parallel_verses("es", "it")) == len(parallel)
+
+
+def test_four_language_run_trains_and_aligns_any_pair(tmp_path, capsys):
+    from probekit.analysis import align
+    from probekit.options import AnalysisOptions
+    from probekit.training import train
+
+    cfg = real_cfg("anchored", p=0.4)
+    cfg.update(train={"steps": 6, "batch_size": 8}, eval={"n_sequences": 4})
+    cfg["checkpoints"] = {"steps": [3]}
+    run = train(cfg, tmp_path / "run")
+    err = capsys.readouterr().err
+    assert "language shares over the run: EN" in err and "IT" in err
+    log = [r for r in __import__("probekit").checkpoints.read_train_log(run) if "eval" in r]
+    assert set(log[-1]["eval"]) == {"EN", "FR", "ES", "IT"}
+    opts = AnalysisOptions(pair=("ES", "IT"), n_pairs=8)
+    cube = align(run, metrics="similarity", steps=[6], options=opts, progress=False)
+    assert "'pair': ('ES', 'IT')" in str(cube.attrs["analysis_options"])
+    assert np.isfinite(cube["hidden_cos"].sel(step=6).values).all()
