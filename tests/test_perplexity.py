@@ -113,3 +113,24 @@ def test_bad_input(model):
                 "b": perplexity(model, np.arange(1, 20), 10, window=16),
             }
         )
+
+
+def test_every_kth_window_is_a_spread_sample(model):
+    """every=k scores windows 0, k, 2k, ... of the plan: their targets, each once, with the
+    same context as in the full pass (so the same per-target NLL)."""
+    rng = np.random.default_rng(7)
+    tokens = rng.integers(1, V, size=121)
+    plan = _plan_windows(len(tokens), 16, 4, 4)
+    nll4, n4 = sliding_window_nll(model, tokens, window=16, stride=4, every=4, batch_size=5)
+    assert n4 == sum(hi - lo + 1 for _, lo, hi in plan[::4])
+    want = 0.0  # the same windows scored one by one, keeping the tail the plan scores
+    for s, lo, hi in plan[::4]:
+        ids = torch.as_tensor(tokens[s : hi + 1], dtype=torch.long)[None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(ids[:, :-1]).logits[0].float(), -1)
+        want -= float(sum(logp[t - s - 1, tokens[t]] for t in range(lo, hi + 1)))
+    assert nll4 == pytest.approx(want, rel=1e-5)
+    res = perplexity(model, tokens, n_chars=480, window=16, stride=4, every=4)
+    assert res["n_tokens"] == n4 and res["n_chars"] == round(480 * n4 / 120)
+    with pytest.raises(MetricError):
+        sliding_window_nll(model, tokens, window=16, every=0)
