@@ -152,7 +152,7 @@ def test_missing_grad_gives_note_not_crash(report: Path) -> None:
     assert any("run p30-nograd: it has no grad_cos" in n for n in mean["notes"])
     page = (report / "index.html").read_text()
     assert "not drawn for run p30-nograd: it has no grad_cos" in page
-    assert "probekit align p30-nograd --metrics grad_cos" in page
+    assert "probekit align p30-nograd --metrics gradients" in page
 
 
 def test_html_self_contained(report: Path) -> None:
@@ -467,9 +467,6 @@ def test_sweep_page(sweep_report: Path) -> None:
 
 
 def test_make_report_bad_folder(tmp_path: Path, sweep_dir: Path) -> None:
-    from probekit.reporting import make_report as compat
-
-    assert compat is make_report  # kept importable for the CLI until it moves
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("x")
     with pytest.raises(ProbekitError, match="neither") as err:

@@ -18,7 +18,7 @@ GRIDS = Path(__file__).parent  # the demo grids are the .toml files beside this 
 
 def run_demo(out: str | Path = "demo_runs", full: bool = False, progress: bool = True) -> dict:
     """Train, analyse and report the demo grid into `out`; return the summary numbers."""
-    from probekit.reporting import make_report
+    from probekit.report import make_report
     from probekit.store import open_cube
     from probekit.sweep import expand_grid, run_sweep
 

@@ -3,8 +3,9 @@
 `VARIABLES` is the ONE table the report reads: a plain dict keyed by variable name. A
 variable's `question` picks the page section it is drawn in; `title` is the text readers see
 in place of the variable name; `control` names the variable (or constant) it is read against.
-Later this table is meant to come from the metric registry: keep it a dict keyed by variable
-name, so that swapping its source is a small change.
+What the report says beyond that (a title, the family that fills a variable) comes from the
+metric registry (`probekit.metrics`), so a newly registered family's variables appear on the
+page, under "Other measures" with the generic chart, without this table being edited.
 
 Variables the table does not list are still placed when their name starts with one of the
 `PREFIXES` (`lens_*`, `patch_*`, `ablation_*`): the section of their question appears as soon
@@ -14,6 +15,8 @@ as a cube carries such variables, drawn with the generic chart.
 from __future__ import annotations
 
 from typing import Any
+
+from probekit.metrics import FAMILIES, family_of
 
 # Sections of the page, in page order: id -> title and a two-line "how to read this".
 QUESTIONS: dict[str, dict[str, str]] = {
@@ -164,26 +167,34 @@ FIX: dict[str, str] = {
 
 
 def question_of(var: str) -> str | None:
-    """The question (section id) a variable belongs to, or None if the report ignores it."""
+    """The question (section id) a variable belongs to, or None if the report ignores it.
+    A registered family's variable without a question of its own goes to "other"."""
     if var in VARIABLES:
         return VARIABLES[var]["question"]
     for prefix, q in PREFIXES.items():
         if var.startswith(prefix):
             return q
-    return None
+    return "other" if family_of(var) is not None else None
 
 
 def title_of(var: str) -> str:
-    """Human title of a variable (its name with underscores as spaces when not listed)."""
+    """Human title of a variable: this table's, else the registry's, else its name."""
     if var in VARIABLES:
         return VARIABLES[var]["title"]
-    return var.replace("_", " ")
+    fam = family_of(var)
+    titles = {v.name: v.title for v in fam.variables} if fam is not None else {}
+    return titles.get(var, var.replace("_", " "))
 
 
 def fix_command(var: str, run: str = "RUN_DIR") -> str:
     """The command that fills `var` for `run`."""
-    fam = next((f for p, f in PREFIX_FAMILY.items() if var.startswith(p)), var)
-    return FIX.get(var, f"probekit align RUN_DIR --metrics {fam}").replace("RUN_DIR", run)
+    fam = next((f for p, f in PREFIX_FAMILY.items() if var.startswith(p)), None)
+    if fam is None:
+        found = family_of(var)
+        fam = found.name if found is not None else var
+    command = "eval" if fam in FAMILIES and FAMILIES[fam].command == "eval" else "align"
+    default = f"probekit {command} RUN_DIR" + (" --metrics " + fam if command == "align" else "")
+    return FIX.get(var, default).replace("RUN_DIR", run)
 
 
 def is_companion(var: str) -> bool:

@@ -35,7 +35,6 @@ from probekit.errors import MetricError, ProbekitError
 from probekit.report import charts as C
 from probekit.report import findings as F
 from probekit.report.catalog import (
-    PREFIXES,
     QUESTIONS,
     VARIABLES,
     fix_command,
@@ -202,11 +201,12 @@ def _partial_notes(runs: Mapping[str, xr.Dataset], *vars_: str) -> list[str]:
 
 def _extra_vars(runs: Mapping[str, xr.Dataset]) -> list[str]:
     """Variables drawn with the generic chart, in first-seen order: those of the lens /
-    patching / ablation question (it has no dedicated chart yet), listed or found by prefix."""
+    patching / ablation question (it has no dedicated chart yet), listed or found by prefix,
+    and those of any other registered family the report has no question for."""
     seen: dict[str, None] = {}
     for ds in runs.values():
         for v in map(str, ds.data_vars):
-            if question_of(v) == "layers" and not is_companion(v):
+            if question_of(v) in ("layers", "other") and not is_companion(v):
                 seen[v] = None
     return list(seen)
 
@@ -354,7 +354,7 @@ def _check_runs(runs: Mapping[str, xr.Dataset]) -> None:
         )
     for name, ds in runs.items():
         ok = isinstance(ds, xr.Dataset) and any(
-            str(v) in VARIABLES or str(v).startswith(tuple(PREFIXES)) for v in ds.data_vars
+            question_of(str(v)) is not None for v in ds.data_vars
         )
         if not ok:
             raise ProbekitError(
