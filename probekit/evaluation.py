@@ -99,7 +99,8 @@ def run_facts(run_dir: Path) -> RunFacts:
     cfg, vocab = data.cfg, data.vocab
     ckpts = list_checkpoints(run_dir)
     m = cfg.model
-    model_key = f"{m.preset}:{m.n_layer}x{m.n_embd}:ctx{m.context}"
+    arch = "" if m.arch == "gpt2" else f"{m.arch}:"  # GPT-2 and Llama references never mix
+    model_key = f"{arch}{m.preset}:{m.n_layer}x{m.n_embd}:ctx{m.context}"
     tok_key = {
         lang: hashlib.sha256(
             vocab.tokenizers[vocab.tokenizer_of[lang]].to_str().encode()

@@ -184,14 +184,15 @@ def _control(run: PlannedRun, cfg: RunConfig) -> PlannedRun | None:
 
     d, t = cfg.data, cfg.train
     share = Schedule(*d.schedule_spec).mean_share
-    names = d.languages if d.mode == "pair" else [d.base] * 2
-    if d.weights:
-        lang_share = min(d.weights)
-    else:  # the first language keeps 1 - share; the others split share equally
-        per_other = share / (d.clones if d.mode == "clone" else 1)
-        lang_share = min(per_other, 1 - share)
-    lang = names[0] if lang_share == 1 - share and not d.weights else names[1]
-    share = lang_share
+    k = len(d.languages) if d.mode == "pair" else d.clones + 1
+    names = list(d.languages) if d.mode == "pair" else [d.base] * k
+    if d.weights:  # the least-weighted language
+        lang = names[min(range(k), key=lambda i: d.weights[i])]
+        share = min(d.weights)
+    else:  # the first language keeps 1 - share; the k - 1 others split share equally
+        per_other = share / (k - 1)
+        lang = names[0] if 1 - share <= per_other else names[1]
+        share = min(per_other, 1 - share)
     batch = max(1, round(t.batch_size * share))
     if abs(batch - t.batch_size * share) > 1e-9:
         warnings.warn(

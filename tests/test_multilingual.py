@@ -4,6 +4,7 @@ parallel pairs of any two languages, and the shipped Bibles' alignment."""
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from probekit.config import dump_config, load_config
 from probekit.data import corpus, prepare_run_data
 from probekit.errors import ConfigError
 
+ROOT = Path(__file__).resolve().parents[1]
 LANGS = ["en", "fr", "es", "it"]
 ONE_BIBLE = {"en": ["bible:web"], "fr": ["bible:segond"]}  # es, it: the shipped defaults
 
@@ -170,3 +172,19 @@ def test_four_language_run_trains_and_aligns_any_pair(tmp_path, capsys):
     cube = align(run, metrics="similarity", steps=[6], options=opts, progress=False)
     assert "'pair': ('ES', 'IT')" in str(cube.attrs["analysis_options"])
     assert np.isfinite(cube["hidden_cos"].sel(step=6).values).all()
+
+
+def test_sweep_control_of_a_four_language_run(tmp_path: Path):
+    """The update-matched control of a k-language run trains the minority language on its
+    own share of the batch: p split over the k - 1 other languages."""
+    from probekit.sweep import expand_grid
+
+    base = ROOT / "examples" / "real4_main60.toml"
+    grid = tmp_path / "grid.toml"
+    grid.write_text(
+        f'name = "g"\nbase = "{base}"\n[grid]\n"data.p" = [0.3]\n'
+        "[references]\nfractions = [1.0]\ncontrols = true\n"
+    )
+    ctrl = next(r for r in expand_grid(grid) if r.kind == "control")
+    assert ctrl.raw["data"]["mode"] == "mono" and ctrl.raw["data"]["base"] == "fr"
+    assert ctrl.raw["train"]["batch_size"] == 2  # round(20 * 0.3 / 3)

@@ -119,7 +119,8 @@ class _MetricsOption(click.Option):
 
         self.help = (
             "Comma-separated families, or variable names that select their family: "
-            f"{describe(self.command)}; or all."
+            f"{describe(self.command)}; or all (these). Computed only when named: "
+            f"{describe('causal')}."
         )
         return super().get_help_record(ctx)
 
