@@ -39,17 +39,23 @@ def evaluate(
     tail: int | None = None,
     max_tokens: int | None = None,
     recompute: bool = False,
-    device: str = "cpu",
+    device: str | None = None,
     progress: bool = True,
     workers: int = 0,
     scheduler: str | None = None,
+    options: AnalysisOptions | None = None,
 ) -> xr.Dataset:
     """Test perplexity per language for every (or the chosen) checkpoint -> `ppl` in the cube.
 
     A call of the one driver with the perplexity family; `max_tokens` (default 65,536, 0 for
     all) test tokens per language are scored with a sliding window of the model's context.
+    `options` carries what a foreign series needs (`test_files`, `tokenizer`, hub revisions);
+    the keyword arguments given here override its fields.
     """
-    options = AnalysisOptions(stride=stride, tail=tail, max_tokens=max_tokens, device=device)
+    given = {"stride": stride, "tail": tail, "max_tokens": max_tokens, "device": device}
+    options = (options or AnalysisOptions()).updated(
+        **{k: v for k, v in given.items() if v is not None}
+    )
     return engine.run(
         run_dir,
         [FAMILIES["perplexity"]],

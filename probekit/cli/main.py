@@ -359,8 +359,7 @@ def eval_cmd(
 
     RUN_DIR is a probekit run (its held-out test split), or any series of Hugging Face
     checkpoints (as for align) with --test LANG=FILE per language."""
-    from probekit import engine
-    from probekit.metrics import FAMILIES
+    from probekit.evaluation import evaluate
     from probekit.options import AnalysisOptions
 
     run_dir = _series_dir(run_dir, model)
@@ -374,18 +373,14 @@ def eval_cmd(
         revisions=_revisions(revisions),
         test_files=_tests(tests),
     )
-    # what probekit.evaluation.evaluate does, with the options of a foreign series
-    cube = engine.run(
+    cube = evaluate(
         run_dir,
-        [FAMILIES["perplexity"]],
         steps=_steps(steps),
         recompute=recompute,
         options=options,
         workers=workers,
         scheduler=scheduler,
         progress=not quiet,
-        explicit=True,
-        label="eval",
     )
     last = cube.isel(step=-1)
     for lang in cube["language"].values:
