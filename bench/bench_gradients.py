@@ -39,6 +39,27 @@ from probekit.metrics.gradients import gradient_alignment
 from probekit.training import build_model
 
 
+def param_key(name: str, n_layers: int) -> tuple[int, str]:
+    """Map a GPT2LMHeadModel parameter name to (layer, tensor)."""
+    if name.startswith("transformer.h."):
+        rest = name[len("transformer.h.") :]
+        lay, t = rest.split(".", 1)
+        return int(lay) + 1, t
+    if name == "lm_head.weight":
+        return n_layers + 1, name
+    t = name[len("transformer.") :]
+    return (0 if t.startswith(("wte", "wpe")) else n_layers + 1), t
+
+
+def qkv_split(key: tuple[int, str], g: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
+    lay, t = key
+    if not t.startswith("attn.c_attn"):
+        return {}
+    kind = t.rsplit(".", 1)[1]
+    parts = g.chunk(3, dim=-1)  # Conv1D weight [in, 3d] / bias [3d]: columns q | k | v
+    return {(lay, f"attn.{p}.{kind}"): parts[i] for i, p in enumerate("qkv")}
+
+
 def vmap_alignment(model, ids1, mask1, ids2, mask2, chunk_size: int = 16):
     """Per-example gradients with torch.func; same output as gradient_alignment."""
     from torch.func import functional_call, grad, vmap
@@ -48,7 +69,7 @@ def vmap_alignment(model, ids1, mask1, ids2, mask2, chunk_size: int = 16):
     n_layers = len(model.transformer.h)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    keys = [G._param_key(n, n_layers) for n in names]
+    keys = [param_key(n, n_layers) for n in names]
 
     def loss(p, ids, mask):
         # no attention mask: right padding + causal attention, so real positions never attend
@@ -81,8 +102,8 @@ def vmap_alignment(model, ids1, mask1, ids2, mask2, chunk_size: int = 16):
                 acc = block.setdefault(key[0], [0, 0, 0])
                 for i in range(3):
                     acc[i] = acc[i] + dots[i]
-                for k2, s1 in G._qkv_split(key, g1[n]).items():
-                    add(k2, G._dots_vec(s1, G._qkv_split(key, g2[n])[k2]))
+                for k2, s1 in qkv_split(key, g1[n]).items():
+                    add(k2, G._dots_vec(s1, qkv_split(key, g2[n])[k2]))
             for lay, dots in block.items():
                 add((lay, "block"), dots)
     merged = {k: [np.concatenate(x) for x in v] for k, v in stats.items()}

@@ -131,18 +131,6 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was)
 
 
-def _param_key(name: str, n_layers: int) -> tuple[int, str]:
-    """Map a GPT2LMHeadModel parameter name to (layer, tensor)."""
-    if name.startswith("transformer.h."):
-        rest = name[len("transformer.h.") :]
-        lay, t = rest.split(".", 1)
-        return int(lay) + 1, t
-    if name == "lm_head.weight":
-        return n_layers + 1, name
-    t = name[len("transformer.") :]
-    return (0 if t.startswith(("wte", "wpe")) else n_layers + 1), t
-
-
 def _to_dataarray(
     cos: dict[tuple[int, str], float], n_layers: int, n_pairs: int, method: str
 ) -> xr.DataArray:
@@ -163,15 +151,6 @@ def _to_dataarray(
             "method": method,
         },
     )
-
-
-def _qkv_split(key: tuple[int, str], g: torch.Tensor) -> dict[tuple[int, str], torch.Tensor]:
-    lay, t = key
-    if not t.startswith("attn.c_attn"):
-        return {}
-    kind = t.rsplit(".", 1)[1]
-    parts = g.chunk(3, dim=-1)  # Conv1D weight [in, 3d] / bias [3d]: columns q | k | v
-    return {(lay, f"attn.{p}.{kind}"): parts[i] for i, p in enumerate("qkv")}
 
 
 # A tensor whose gradient norm is below ZERO_TOL x its block's gradient norm is treated as having
