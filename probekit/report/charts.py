@@ -445,6 +445,22 @@ def layer_profile(
 # ------------------------------------------------------------------------------ gradients
 
 
+
+def _cell_values(x: Any, y: Any, amax: float) -> alt.Chart:
+    """The value printed in each heat-map cell: light text on strong colours, dark on pale."""
+    return (
+        alt.Chart()
+        .mark_text(fontSize=9)
+        .encode(
+            x=x,
+            y=y,
+            text=alt.Text("value:Q", format=".2f"),
+            color=alt.condition(
+                f"abs(datum.value) > {0.6 * amax}", alt.value("white"), alt.value("black")
+            ),
+        )
+    )
+
 def grad_heatmap(
     run_ds: xr.Dataset,
     step: int | str = "final",
@@ -481,19 +497,7 @@ def grad_heatmap(
             tooltip=["tensor:N", "layer:O", alt.Tooltip("value:Q", format=".3f")],
         )
     )
-    text = (
-        alt.Chart()
-        .mark_text(fontSize=9)
-        .encode(
-            x=x,
-            y=y,
-            text=alt.Text("value:Q", format=".2f"),
-            # Light text on strong colours, dark on pale ones.
-            color=alt.condition(
-                f"abs(datum.value) > {0.6 * amax}", alt.value("white"), alt.value("black")
-            ),
-        )
-    )
+    text = _cell_values(x, y, amax)
     n_layers = df["layer"].nunique()
     return alt.layer(rect, text, data=alt.Data(values=_records(df))).properties(
         title=f"gradient cosine L1 vs L2, {name}, step {s}",
@@ -978,18 +982,7 @@ def grad_heatmap_runs(
             tooltip=["run:N", "step:Q", "tensor:N", "layer:O", _tip_value("gradient cosine")],
         )
     )
-    text = (
-        alt.Chart()
-        .mark_text(fontSize=9)
-        .encode(
-            x=x,
-            y=y,
-            text=alt.Text("value:Q", format=".2f"),
-            color=alt.condition(
-                f"abs(datum.value) > {0.6 * amax}", alt.value("white"), alt.value("black")
-            ),
-        )
-    )
+    text = _cell_values(x, y, amax)
     n_layers = df["layer"].nunique()
     names = list(color_domain) if color_domain is not None else list(rs)
     chart = (
