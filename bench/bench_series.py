@@ -26,27 +26,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-SIZES = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
-    "gpt_neox": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
-    "llama": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
-    "bloom": dict(n_layer=2, hidden_size=32, n_head=4),
-}
-SIZES["olmo"] = SIZES["olmo2"] = dict(SIZES["llama"])
-SIZES["llama"]["num_key_value_heads"] = 2  # grouped-query attention, as the tests
-SIZES["qwen2"] = SIZES["llama"]
+# the tests' tiny architectures (tests/ is not a package: put it on the path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny_models import TINY_SIZES as SIZES  # noqa: E402
+
 ALIGN_ARGS = [
     "--parallel", "bible:en", "bible:fr", "--pairs", "8", "--seq-len", "32",
     "--batch-size", "4", "--grad-pairs", "2", "--quiet",

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from tiny_models import TINY_SIZES
 
 import probekit
 from probekit.cli.main import cli
@@ -18,29 +19,6 @@ from probekit.metrics.gradients import gradient_alignment_general, mean_paper_te
 from probekit.model_view import ModelView
 
 ARCHS = ("gpt2", "gpt_neox", "llama", "qwen2", "olmo", "olmo2", "bloom")
-_SIZES = {
-    "gpt2": dict(n_layer=2, n_embd=32, n_head=4, n_positions=64),
-    "gpt_neox": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
-    "llama": dict(
-        num_hidden_layers=2,
-        hidden_size=32,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    ),
-    "bloom": dict(n_layer=2, hidden_size=32, n_head=4),
-}
-_SIZES["qwen2"] = _SIZES["llama"]
-_SIZES["olmo"] = _SIZES["olmo2"] = {
-    k: v for k, v in _SIZES["llama"].items() if k != "num_key_value_heads"
-}
 # the parallel-text-free, fast options every align call here uses
 FAST = ["--pairs", "8", "--seq-len", "32", "--batch-size", "4", "--grad-pairs", "2", "--quiet"]
 
@@ -73,7 +51,7 @@ def tiny_model(arch: str, seed: int = 0, vocab_size: int | None = None, **extra)
 
     torch.manual_seed(seed)
     cfg = AutoConfig.for_model(
-        arch, vocab_size=vocab_size or len(tokenizer()), **_SIZES[arch], **extra
+        arch, vocab_size=vocab_size or len(tokenizer()), **TINY_SIZES[arch], **extra
     )
     return AutoModelForCausalLM.from_config(cfg).eval()
 
