@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -39,3 +43,28 @@ def tiny_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "clone_90_10"
     train(tiny_cfg(), out, progress=False)
     return out
+
+
+def train_then_kill(cfg: dict, run: Path, overrides: list[str], timeout: float = 120) -> None:
+    """Train `cfg` into `run` in a child process (one thread) and kill -9 it once checkpoints
+    0..3 exist; fails if the child finished first."""
+    root = Path(__file__).resolve().parents[1]
+    code = (
+        "import torch; torch.set_num_threads(1)\n"
+        "from probekit.training import train\n"
+        f"train({cfg!r}, {str(run)!r}, progress=False, overrides={overrides!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, env=env)
+    ckpts, deadline = run / "checkpoints", time.time() + timeout
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            done = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
+            if len(done) >= 4:  # steps 0, 1, 2, 3 exist: kill it
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, "the child finished before it could be killed"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import train_then_kill
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -112,26 +111,8 @@ def test_llama_trains_and_loads_with_transformers_alone(llama_run):
 
 def test_kill_9_then_resume_matches_uninterrupted_llama_run(llama_run, tmp_path, capsys):
     run = tmp_path / "run"
-    code = (
-        "import torch; torch.set_num_threads(1)\n"
-        "from probekit.training import train\n"
-        f"train({llama_cfg()!r}, {str(run)!r}, progress=False,"
-        " overrides=['eval.interval=1', 'checkpoints.every=1'])\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
-    ckpts, deadline = run / "checkpoints", time.time() + 180
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            done = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
-            if len(done) >= 4:  # steps 0..3 exist: kill it
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the child finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    train_then_kill(llama_cfg(), run, ["eval.interval=1", "checkpoints.every=1"], timeout=180)
+    ckpts = run / "checkpoints"
     assert not (ckpts / "step_000012").exists()
     capsys.readouterr()
     torch.set_num_threads(1)

@@ -5,14 +5,13 @@ from __future__ import annotations
 import copy
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_then_kill
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -132,26 +131,8 @@ def test_different_config_in_same_run_dir_is_refused(reference, corpus, tmp_path
 def test_kill_9_then_resume_matches_uninterrupted_run(reference, corpus, tmp_path, capsys):
     run = tmp_path / "run"
     # slow the child down (eval + log every step) so it is surely killed mid-way
-    code = (
-        "import torch; torch.set_num_threads(1)\n"
-        "from probekit.training import train\n"
-        f"train({make_cfg(corpus)!r}, {str(run)!r}, progress=False,"
-        " overrides=['eval.interval=1'])\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env)
-    ckpts, deadline = run / "checkpoints", time.time() + 120
-    try:
-        while time.time() < deadline and proc.poll() is None:
-            done = sorted(p.name for p in ckpts.glob("step_*")) if ckpts.is_dir() else []
-            if len(done) >= 4:  # step 0, 1, 2, 3 exist: kill it
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, "the child finished before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
+    train_then_kill(make_cfg(corpus), run, ["eval.interval=1"])
+    ckpts = run / "checkpoints"
     assert not (ckpts / "step_000030").exists()
     capsys.readouterr()
     torch.set_num_threads(1)
