@@ -53,9 +53,7 @@ def test_cube_layout_and_ranges(aligned: Path):
 
 def test_rerun_computes_nothing_new(aligned: Path, monkeypatch):
     calls = []
-    monkeypatch.setattr(
-        "probekit.engine.compute_checkpoint", lambda *a, **k: calls.append(a) or {}
-    )
+    monkeypatch.setattr("probekit.engine.compute_checkpoint", lambda *a, **k: calls.append(a) or {})
     before = {p: p.stat().st_mtime_ns for p in (aligned / "analysis.zarr").rglob("zarr.json")}
     align(aligned, options=OPTS, progress=False)
     assert calls == []

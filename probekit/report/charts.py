@@ -445,7 +445,6 @@ def layer_profile(
 # ------------------------------------------------------------------------------ gradients
 
 
-
 def _cell_values(x: Any, y: Any, amax: float) -> alt.Chart:
     """The value printed in each heat-map cell: light text on strong colours, dark on pale."""
     return (
@@ -460,6 +459,7 @@ def _cell_values(x: Any, y: Any, amax: float) -> alt.Chart:
             ),
         )
     )
+
 
 def grad_heatmap(
     run_ds: xr.Dataset,
