@@ -5,6 +5,11 @@ eval or checkpointing. Prints tokens/s of both and train()'s overhead (target <=
 
     python bench/bench_trainer.py                 # tiny preset, 60 steps
     python bench/bench_trainer.py --preset cpu --steps 40 --threads 2
+    python bench/bench_trainer.py --arch gpt2,llama --preset tiny,cpu --threads 1
+
+With several architectures (`--arch gpt2,llama`) it also times their bare loops interleaved,
+round by round on the same batches, and prints each one's tok/s and the ratio to the first:
+a shared machine drifts, so only side-by-side rounds compare architectures.
 """
 
 from __future__ import annotations
@@ -90,9 +95,45 @@ def bare_loop(cfg: RunConfig, data, steps: int) -> float:
     return time.perf_counter() - t0
 
 
+def compare_archs(archs: list[str], preset: str, args) -> None:
+    """Bare loops of each architecture, interleaved over rounds; the median per architecture."""
+    cfgs = {
+        a: load_config(
+            {
+                "model": {"preset": preset, "arch": a},
+                "train": {"steps": args.steps, "batch_size": args.batch_size, "device": "cpu"},
+            }
+        )
+        for a in archs
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        first = cfgs[archs[0]]
+        data = SyntheticData() if args.synthetic else real_data(first, Path(tmp))[0]
+        tokens = args.rounds_steps * args.batch_size * first.model.context
+        for a in archs:
+            bare_loop(cfgs[a], data, 3)  # warm-up
+        times: dict[str, list[float]] = {a: [] for a in archs}
+        for _ in range(args.rounds):
+            for a in archs:
+                times[a].append(bare_loop(cfgs[a], data, args.rounds_steps))
+    med = {a: float(np.median(t)) for a, t in times.items()}
+    print(
+        f"preset {preset}: bare loops side by side ({args.rounds} interleaved rounds of "
+        f"{args.rounds_steps} steps, median), threads {torch.get_num_threads()}"
+    )
+    for a in archs:
+        print(
+            f"  {a:6s} {tokens / med[a]:10,.0f} tok/s   "
+            f"{med[archs[0]] / med[a]:.2f}x the speed of {archs[0]}"
+        )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help="a preset, or several: tiny,cpu")
+    ap.add_argument("--arch", default="gpt2", help="an architecture, or several: gpt2,llama")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (several archs)")
+    ap.add_argument("--rounds-steps", type=int, default=10, help="steps per round")
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch-size", type=int, default=20)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
@@ -100,8 +141,19 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    archs = args.arch.split(",")
+    for preset in args.preset.split(","):
+        for arch in archs:
+            bench_train(preset, arch, args)
+        if len(archs) > 1:
+            compare_archs(archs, preset, args)
+    return 0
+
+
+def bench_train(preset: str, arch: str, args) -> None:
+    """train() against the bare loop of the same model, batches and steps."""
     raw = {
-        "model": {"preset": args.preset},
+        "model": {"preset": preset, "arch": arch},
         "train": {"steps": args.steps, "batch_size": args.batch_size, "device": "cpu"},
     }
     cfg = load_config(raw)
@@ -127,7 +179,7 @@ def main() -> int:
             for r, p in zip(log, [0] + [x["tokens"] for x in log], strict=False)
         )
     print(
-        f"preset {args.preset}, {args.steps} steps x {B} x {T} tokens, "
+        f"preset {preset}, arch {arch}, {args.steps} steps x {B} x {T} tokens, "
         f"threads {torch.get_num_threads()}, data: {kind}"
     )
     print(
@@ -142,7 +194,6 @@ def main() -> int:
     print(f"  overhead, steps only : {100 * (loop / bare - 1):+.1f} % (target <= 15 %)")
     print(f"  overhead, end to end : {100 * (full / bare - 1):+.1f} % (setup, held-out eval and")
     print("    checkpoints included; a short run has a dense plan, so this is the worst case)")
-    return 0
 
 
 if __name__ == "__main__":
