@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -144,6 +145,20 @@ def test_dask_workers_match_serial(aligned: Path, tmp_path: Path):
         ref["hidden_cos"].sel(step=steps).values,
         atol=1e-6,
     )
+
+
+def test_local_workers_keep_glibc_dynamic_mmap_threshold(monkeypatch):
+    """dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_=65536 (4x the page
+    faults in align); probekit's own workers start without it."""
+    pytest.importorskip("dask.distributed")
+    from dask.distributed import Client
+
+    from probekit.engine import local_cluster
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        env = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+    assert list(env.values()) == [None]
 
 
 def _cli(*args: str):
