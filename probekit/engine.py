@@ -242,12 +242,7 @@ def _run_dask(
     progress: bool,
     label: str,
 ) -> None:
-    try:
-        from dask.distributed import Client, as_completed
-    except ImportError:
-        raise ProbekitError(
-            "--workers/--scheduler need dask.distributed: pip install 'dask[distributed]'"
-        ) from None
+    from dask.distributed import Client, as_completed
     from tqdm.auto import tqdm
 
     if scheduler:

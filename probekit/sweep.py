@@ -218,15 +218,24 @@ def run_sweep(
     device: str | None = None,
     progress: bool = True,
     scheduler: str | None = None,
+    workers: int = 0,
 ) -> str:
     """Train every run of the grid not yet finished (then evaluate, align and tabulate TEff).
 
     With `scheduler` (a dask.distributed address, or $PROBEKIT_DASK_SCHEDULER) each run's
     training, then each run's analysis, is one task on that cluster; the sweep waits for them.
-    Finished work is skipped either way (training resumes, stored checkpoints are kept). The
-    workers must see `out` at the same path (a shared filesystem).
+    The workers must see `out` at the same path (a shared filesystem). `workers` > 0 starts
+    that many one-thread local workers instead. Finished work is skipped either way (training
+    resumes, stored checkpoints are kept).
     """
     from probekit.engine import SCHEDULER_ENV
+
+    scheduler = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    if workers and not scheduler and not launch_list:
+        from probekit.engine import local_cluster
+
+        with local_cluster(workers) as cluster:
+            return run_sweep(grid, out, None, analyse, device, progress, cluster.scheduler_address)
     from probekit.training import train
 
     out = Path(out)
@@ -242,7 +251,6 @@ def run_sweep(
             f"{len(planned)} runs planned; one `probekit train` command per line in {launch_list} "
             f'(e.g. a job array: sed -n "${{SLURM_ARRAY_TASK_ID}}p" {launch_list} | sh)'
         )
-    scheduler = scheduler or os.environ.get(SCHEDULER_ENV) or None
     if scheduler:
         tasks = [(_train_run, cfg_dir / f"{r.name}.toml", out / r.name, device) for r in planned]
         _on_cluster(scheduler, tasks, [f"train {r.name}" for r in planned], progress)
@@ -301,12 +309,8 @@ def analyse_run(path: Path, kind: str, options: dict, progress: bool = False) ->
 
 def _on_cluster(scheduler: str, tasks: list[tuple], names: list[str], progress: bool) -> None:
     """Run (function, *args) tasks on a dask scheduler and wait; the first failure raises."""
-    try:
-        from dask.distributed import Client, as_completed
-    except ImportError:
-        raise ProbekitError(
-            "--scheduler needs dask.distributed: pip install 'dask[distributed]'"
-        ) from None
+    from dask.distributed import Client, as_completed
+
     try:
         client = Client(scheduler, timeout="10s")
     except (OSError, TimeoutError) as exc:

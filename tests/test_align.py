@@ -134,7 +134,6 @@ def _steps(run: Path) -> list[int]:
 
 
 def test_dask_workers_match_serial(aligned: Path, tmp_path: Path):
-    pytest.importorskip("dask.distributed")
     run = tmp_path / "run"
     shutil.copytree(aligned, run, ignore=shutil.ignore_patterns("analysis.zarr"))
     steps = [c.step for c in list_checkpoints(run)][-2:]
@@ -150,7 +149,6 @@ def test_dask_workers_match_serial(aligned: Path, tmp_path: Path):
 def test_local_workers_keep_glibc_dynamic_mmap_threshold(monkeypatch):
     """dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_=65536 (4x the page
     faults in align); probekit's own workers start without it."""
-    pytest.importorskip("dask.distributed")
     from dask.distributed import Client
 
     from probekit.engine import local_cluster

@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("distributed")
-
-import probekit  # noqa: E402
-from probekit import store  # noqa: E402
-from probekit.options import AnalysisOptions  # noqa: E402
+import probekit
+from probekit import store
+from probekit.options import AnalysisOptions
 
 OPTS = AnalysisOptions(n_pairs=12, seq_len=32, batch_size=6, n_grad_pairs=4)
 TIMEOUT = 60  # seconds for the cluster to come up
@@ -141,3 +139,53 @@ def test_sweep_trains_and_analyses_on_the_scheduler(tmp_path: Path, scheduler: s
     before = store.open_cube(out)["hidden_cos"].values
     _on_cluster(scheduler, [(analyse_run, out, "run", opts)], ["analyse again"], progress=False)
     np.testing.assert_array_equal(store.open_cube(out)["hidden_cos"].values, before)
+
+
+SMALL_GRID = """
+name = "w"
+base = "base.toml"
+[grid]
+"data.p" = [0.1]
+[references]
+fractions = [0.1, 0.25]
+controls = true
+[analysis]
+metrics = "similarity"
+n_pairs = 8
+seq_len = 32
+eval_max_tokens = 2048
+"""
+
+
+def test_sweep_on_local_workers_equals_one_thread_serial(tmp_path: Path):
+    """`sweep --workers 2` (what `demo` does): every run trained and analysed, and the numbers
+    are a one-thread serial sweep's, so they do not depend on the machine's core count."""
+    import torch
+    from click.testing import CliRunner
+    from conftest import tiny_cfg
+
+    from probekit.cli.main import cli
+    from probekit.config import dump_config
+    from probekit.sweep import run_sweep
+
+    cfg = tiny_cfg(steps=20)
+    cfg.pop("name")
+    cfg["train"]["batch_size"] = 10  # 10 % of it is one sequence: an exact control
+    (tmp_path / "base.toml").write_text(dump_config(cfg))
+    (tmp_path / "grid.toml").write_text(SMALL_GRID)
+    res = CliRunner().invoke(
+        cli,
+        ["sweep", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "par"), "--workers", "2"],
+    )
+    assert res.exit_code == 0 and "TEff not computed" not in res.output, res.output
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_sweep(tmp_path / "grid.toml", tmp_path / "ser", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    par, ser = (tmp_path / d / "teff.csv" for d in ("par", "ser"))
+    assert par.read_text() == ser.read_text()
+    a, b = (store.open_cube(tmp_path / d / "w") for d in ("par", "ser"))
+    for name in ("hidden_cos", "ppl"):
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)

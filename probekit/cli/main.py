@@ -457,12 +457,18 @@ def teff(run_dirs, references, controls, method, csv_path) -> None:
     "$PROBEKIT_DASK_SCHEDULER): each run's training, then its analysis, is one task there; "
     "the sweep waits. The workers must see --out at the same path (a shared filesystem).",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Train and analyse the runs on this many one-thread local dask workers at once.",
+)
 @click.option("--quiet", is_flag=True)
 @_friendly
-def sweep(grid, out, launch_list, analyse, device, scheduler, quiet) -> None:
+def sweep(grid, out, launch_list, analyse, device, scheduler, workers, quiet) -> None:
     """Expand a grid (p, schedules, clones, vocab mode, seeds, budgets) into runs and
-    their monolingual references; train the ones not finished, one after another (or on a
-    dask cluster with --scheduler)."""
+    their monolingual references; train the ones not finished, one after another (or on
+    local workers with --workers, or on a dask cluster with --scheduler)."""
     from probekit.sweep import run_sweep
 
     summary = run_sweep(
@@ -473,6 +479,7 @@ def sweep(grid, out, launch_list, analyse, device, scheduler, quiet) -> None:
         device=device,
         progress=not quiet,
         scheduler=scheduler,
+        workers=workers,
     )
     click.echo(summary)
 
@@ -523,13 +530,20 @@ def report(run_dirs, out, title, sweep_table) -> None:
 @click.option(
     "--full", is_flag=True, help="The CPU grid that shows the token-efficiency effect (~30 min)."
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="One-thread local workers that train and analyse the runs at once "
+    "[default: the CPUs this process may use, at most one per run].",
+)
 @_friendly
-def demo(out, full) -> None:
+def demo(out, full, workers) -> None:
     """Train cloned 50/50 and 90/10 runs plus monolingual references, analyse them,
     and write the report. Finished work is reused."""
     from probekit.demos import run_demo
 
-    run_demo(out, full=full)
+    run_demo(out, full=full, workers=workers)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
