@@ -186,7 +186,13 @@ def scaling_reference(
     for r in chosen:
         by_x.setdefault(r.budget / facts.budget, []).append(_final_ppl(r, r.languages[0]))
     points = {x: math.exp(sum(map(math.log, v)) / len(v)) for x, v in by_x.items()}
-    reference = choose_reference(points, method=method)
+    try:
+        reference = choose_reference(points, method=method)
+    except MetricError as exc:  # a table of several languages must say which curve broke
+        raise MetricError(
+            f"{lang} references of {facts.name} ({len(points)} budgets): {exc}; "
+            "leave out the reference that breaks it or add seeds (pooled per budget)"
+        ) from None
     info: dict[str, Any] = reference.describe() | {
         "x": sorted(points),
         "ppl": [points[x] for x in sorted(points)],

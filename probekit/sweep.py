@@ -251,22 +251,35 @@ def run_sweep(
             f"{len(planned)} runs planned; one `probekit train` command per line in {launch_list} "
             f'(e.g. a job array: sed -n "${{SLURM_ARRAY_TASK_ID}}p" {launch_list} | sh)'
         )
+    options = analysis_options(Path(grid)) if analyse else None
     if scheduler:
-        tasks = [(_train_run, cfg_dir / f"{r.name}.toml", out / r.name, device) for r in planned]
-        _on_cluster(scheduler, tasks, [f"train {r.name}" for r in planned], progress)
+        # one task per run, training then its analysis, so a worker that finishes a run goes
+        # on to its analysis while the others train; the longest tasks start first
+        order = sorted(planned, key=_expected_cost, reverse=True)
+        if progress:
+            what = "training and analysing" if analyse else "training"
+            print(f"{len(order)} runs: {what} on {scheduler}, each run one task")
+        tasks = [
+            (_train_and_analyse, cfg_dir / f"{r.name}.toml", out / r.name, device, r.kind, options)
+            for r in order
+        ]
+        _on_cluster(scheduler, tasks, [r.name for r in order], progress)
     for i, run in enumerate([] if scheduler else planned, 1):
         if progress:
             print(f"[{i}/{len(planned)}] {run.kind} {run.name}")
         train(cfg_dir / f"{run.name}.toml", out / run.name, device=device, progress=progress)
     if not analyse:
         return f"{len(planned)} runs trained in {out}"
-    return analyse_sweep(
-        planned,
-        out,
-        progress=progress,
-        options=analysis_options(Path(grid)),
-        scheduler=scheduler,
-    )
+    if not scheduler:
+        analyse_sweep(planned, out, progress=progress, options=options)
+    return teff_summary(planned, out)
+
+
+def _expected_cost(run: PlannedRun) -> float:
+    """Sequences trained plus a per-step overhead worth two; a multilingual run's analysis
+    (every checkpoint) puts it first."""
+    train = run.resolved.train
+    return train.steps * (train.batch_size + 2) * (10 if run.kind == "run" else 1)
 
 
 ANALYSIS_DEFAULTS = {"metrics": "all", "n_pairs": 64, "seq_len": None, "eval_max_tokens": None}
@@ -286,6 +299,16 @@ def _train_run(config: Path, out: Path, device: str | None) -> None:
     from probekit.training import train
 
     train(config, out, device=device, progress=False)
+
+
+def _train_and_analyse(
+    config: Path, out: Path, device: str | None, kind: str, options: dict | None
+) -> None:
+    """One run of a sweep as a cluster task: its training, then (unless `options` is None)
+    its analysis; finished work is skipped by both."""
+    _train_run(config, out, device)
+    if options is not None:
+        analyse_run(out, kind, options)
 
 
 def analyse_run(path: Path, kind: str, options: dict, progress: bool = False) -> None:
@@ -316,9 +339,11 @@ def _on_cluster(scheduler: str, tasks: list[tuple], names: list[str], progress: 
     except (OSError, TimeoutError) as exc:
         raise ProbekitError(f"--scheduler {scheduler}: cannot connect ({exc})") from None
     try:
-        futures = {
-            client.submit(fn, *args, pure=False, key=f"{name}-{uuid.uuid4().hex[:8]}"): name
-            for (fn, *args), name in zip(tasks, names, strict=True)
+        futures = {  # priority: in the order given
+            client.submit(
+                fn, *args, pure=False, key=f"{name}-{uuid.uuid4().hex[:8]}", priority=-i
+            ): name
+            for i, ((fn, *args), name) in enumerate(zip(tasks, names, strict=True))
         }
         for fut in as_completed(futures):
             fut.result()  # re-raises a task's error here
@@ -333,25 +358,27 @@ def analyse_sweep(
     out: Path,
     progress: bool = True,
     options: dict | None = None,
-    scheduler: str | None = None,
-) -> str:
+) -> None:
+    """Evaluate and align the sweep's runs here, one after another (references and controls:
+    their final checkpoint only)."""
+    opts = ANALYSIS_DEFAULTS | (options or {})
+    # runs first (the long ones), then references and controls
+    order = [r for r in planned if r.kind == "run"] + [r for r in planned if r.kind != "run"]
+    for r in order:
+        analyse_run(out / r.name, r.kind, opts, progress=progress)
+
+
+def teff_summary(planned: list[PlannedRun], out: Path) -> str:
+    """The sweep's TEff table from its analysed runs: written to `out`/teff.csv (and
+    teff_seeds.csv with several seeds) and returned as text."""
     from probekit.evaluation import seed_summary, teff_table
 
-    opts = ANALYSIS_DEFAULTS | (options or {})
-    runs = [r for r in planned if r.kind == "run"]
+    runs = [out / r.name for r in planned if r.kind == "run"]
     refs = [out / r.name for r in planned if r.kind == "reference"]
     ctrls = [out / r.name for r in planned if r.kind == "control"]
-    # runs first (the long ones), then references and controls
-    order = runs + [r for r in planned if r.kind != "run"]
-    if scheduler:
-        tasks = [(analyse_run, out / r.name, r.kind, opts) for r in order]
-        _on_cluster(scheduler, tasks, [f"analyse {r.name}" for r in order], progress)
-    else:
-        for r in order:
-            analyse_run(out / r.name, r.kind, opts, progress=progress)
     lines = []
     try:
-        table = teff_table([out / r.name for r in runs], refs, controls=ctrls)
+        table = teff_table(runs, refs, controls=ctrls)
     except ProbekitError as exc:
         return f"trained and analysed {len(planned)} runs; TEff not computed: {exc}"
     table.to_csv(out / "teff.csv", index=False)

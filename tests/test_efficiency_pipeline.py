@@ -111,6 +111,25 @@ def test_teff_bad_references(swept: Path, tiny_run: Path):
     assert res.exit_code == 2 and "error:" in res.output and "Traceback" not in res.output
 
 
+def test_teff_names_the_language_whose_references_rise(swept: Path, monkeypatch):
+    """A reference curve that does not fall with tokens cannot be inverted: the one-line
+    error names the language and the run, not just the numbers."""
+    import probekit.evaluation as ev
+
+    real = ev._final_ppl
+    rising = {0.25: 50.0, 0.5: 60.0, 1.0: 20.0}  # the 0.5 reference worse than the 0.25 one
+
+    def fake(facts, lang):
+        if facts.mode == "mono":
+            return rising[round(facts.budget / (40 * 10 * 64), 2)]
+        return real(facts, lang)
+
+    monkeypatch.setattr(ev, "_final_ppl", fake)
+    refs = sorted(swept.glob("ref_*"))
+    with pytest.raises(MetricError, match=r"EN\d? references of g_p0.1 \(3 budgets\): .*decrease"):
+        teff_table([swept / "g_p0.1"], refs, method="interp")
+
+
 def test_schedule_token_share_from_the_run(tmp_path: Path):
     from probekit.training import train
 
