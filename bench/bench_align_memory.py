@@ -118,7 +118,8 @@ def main() -> None:
         f"{per_pair:.0f} B per pair (main + baseline streams)"
     )
     print(
-        "note: the driver trims the heap (malloc_trim) after each batch; without it RSS grew "
+        "note: after a batch the driver trims the heap (malloc_trim) when its free part exceeds "
+        "max(256 MB, twice the part in use); without trimming RSS grew "
         "~0.25 MB/pair from glibc heap fragmentation (small pooled arrays pin pages between "
         "freed float64 temporaries). sys/CPU is the child's system share of its CPU time."
     )

@@ -12,6 +12,7 @@ already written.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 from collections.abc import Callable, Sequence
@@ -193,18 +194,49 @@ def _activation_runner(
     return lambda seqs: run_activations(bridge, *pad_batch(seqs), ctx.view, resid, mlp)
 
 
-def _release_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc). Big per-batch float64 temporaries are
-    freed between small arrays that stay alive (the pooled vectors kept for retrieval), so
-    without this the heap fragments and peak RSS grows with the number of pairs. Trimming
-    once per batch keeps it flat; a fixed M_MMAP_THRESHOLD did too, but made every large
-    allocation a fresh mmap whose pages fault in again (a quarter of eval's CPU time)."""
-    try:
-        import ctypes
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+        return libc
     except (OSError, AttributeError):
-        pass  # not glibc: nothing to trim
+        return None  # not glibc (or older than 2.33): nothing to trim
+
+
+_LIBC = _glibc()
+TRIM_ABOVE = 256 << 20  # bytes of free heap worth handing back
+
+
+def _release_heap() -> None:
+    """Hand freed heap pages back to the OS (glibc) once more than TRIM_ABOVE of the heap is
+    free. Big per-batch float64 temporaries are freed between small arrays that stay alive
+    (the pooled vectors kept for retrieval), so without trimming the heap fragments and peak
+    RSS grows with the number of pairs. Trimming after every batch kept it flat too, but the
+    next batch faulted the same pages in again (align: ~18 % system time); a fixed
+    M_MMAP_THRESHOLD made every large allocation a fresh mmap (a quarter of eval's CPU)."""
+    if _LIBC is None:
+        return
+    info = _LIBC.mallinfo2()
+    if info.fordblks > max(TRIM_ABOVE, 2 * info.uordblks):
+        _LIBC.malloc_trim(0)
 
 
 def _needs_parallel(family: Family) -> bool:
