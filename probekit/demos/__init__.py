@@ -1,7 +1,7 @@
 """`demo`: the whole toolkit end to end on the shipped corpus, reusing finished work.
 
-The quick grid (tiny preset, ~1 M tokens) shows every stage and chart in about a
-quarter of an hour on a 2-core CPU; `--full` runs the setting of
+The quick grid (tiny preset, ~1 M tokens) shows every stage and chart in about nine
+minutes on a 2-core CPU; `--full` runs the setting of
 research/feasibility2.md, where the 10 % clone's token efficiency is clearly above
 both 1 and the update-matched control.
 """
