@@ -222,8 +222,8 @@ def run_sweep(
 ) -> str:
     """Train every run of the grid not yet finished (then evaluate, align and tabulate TEff).
 
-    With `scheduler` (a dask.distributed address, or $PROBEKIT_DASK_SCHEDULER) each run's
-    training, then each run's analysis, is one task on that cluster; the sweep waits for them.
+    With `scheduler` (a dask.distributed address, or $PROBEKIT_DASK_SCHEDULER) each run is
+    one task on that cluster, its training and then its analysis; the sweep waits for them.
     The workers must see `out` at the same path (a shared filesystem). `workers` > 0 starts
     that many one-thread local workers instead. Finished work is skipped either way (training
     resumes, stored checkpoints are kept).
@@ -234,6 +234,7 @@ def run_sweep(
     if workers and not scheduler and not launch_list:
         from probekit.engine import local_cluster
 
+        expand_grid(Path(grid))  # a bad grid fails before the workers start
         with local_cluster(workers) as cluster:
             return run_sweep(grid, out, None, analyse, device, progress, cluster.scheduler_address)
     from probekit.training import train

@@ -189,3 +189,18 @@ def test_sweep_on_local_workers_equals_one_thread_serial(tmp_path: Path):
     a, b = (store.open_cube(tmp_path / d / "w") for d in ("par", "ser"))
     for name in ("hidden_cos", "ppl"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+def test_sweep_workers_bad_grid_is_one_line(tmp_path: Path):
+    """A malformed grid fails with one line before any worker starts."""
+    from click.testing import CliRunner
+
+    from probekit.cli.main import cli
+
+    (tmp_path / "grid.toml").write_text('base = "missing.toml"\n[grid]\n"data.p" = [0.5]\n')
+    res = CliRunner().invoke(
+        cli, ["sweep", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "o"), "--workers", "2"]
+    )
+    assert res.exit_code == 2 and "missing.toml" in res.output, res.output
+    assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()  # nothing written
