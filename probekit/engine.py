@@ -12,7 +12,6 @@ already written.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
 from collections.abc import Callable, Sequence
@@ -25,6 +24,7 @@ import xarray as xr
 from probekit import store
 from probekit.checkpoints import CheckpointInfo, load_checkpoint, select_checkpoints
 from probekit.errors import MetricError, ProbekitError, RunDirError
+from probekit.heap import release_heap, steady_heap
 from probekit.hooks import Activations, load_bridge, pad_batch, run_activations
 from probekit.metrics import FAMILIES, CheckpointContext, Family, PairBatch
 from probekit.model_view import ModelView
@@ -106,6 +106,7 @@ def compute_checkpoint(
     path: str | Path, step: int, names: list[str], options: AnalysisOptions
 ) -> dict[str, xr.Dataset]:
     """The named families for one checkpoint -> {family: Dataset}. Runs in any process."""
+    steady_heap()  # this process now reuses freed buffers (the driver's or a worker's)
     series = cached_series(Path(path), options)
     info = next((c for c in series.checkpoints() if c.step == step), None)
     if info is None:
@@ -125,7 +126,7 @@ def compute_checkpoint(
         out |= _stream_pairs(ctx, streamed)
     del model, ctx
     gc.collect()  # one checkpoint at a time: memory stays flat over a long series
-    _release_heap()
+    release_heap()
     return out
 
 
@@ -160,11 +161,11 @@ def _stream_pairs(ctx: CheckpointContext, families: list[Family]) -> dict[str, x
         if pending is not None:
             hand_over(*pending, a2)
         pending = (idx, a1, a2)
-        _release_heap()
+        release_heap()
     if pending is not None:
         hand_over(*pending, first)
     del pending, first
-    _release_heap()
+    release_heap()
     return {name: acc.result() for name, acc in runs.items()}
 
 
@@ -194,51 +195,6 @@ def _activation_runner(
     return lambda seqs: run_activations(bridge, *pad_batch(seqs), ctx.view, resid, mlp)
 
 
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [
-        (name, ctypes.c_size_t)
-        for name in (
-            "arena",
-            "ordblks",
-            "smblks",
-            "hblks",
-            "hblkhd",
-            "usmblks",
-            "fsmblks",
-            "uordblks",
-            "fordblks",
-            "keepcost",
-        )
-    ]
-
-
-def _glibc():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallinfo2.restype = _MallInfo2
-        return libc
-    except (OSError, AttributeError):
-        return None  # not glibc (or older than 2.33): nothing to trim
-
-
-_LIBC = _glibc()
-TRIM_ABOVE = 256 << 20  # bytes of free heap worth handing back
-
-
-def _release_heap() -> None:
-    """Hand freed heap pages back to the OS (glibc) once more than TRIM_ABOVE of the heap is
-    free. Big per-batch float64 temporaries are freed between small arrays that stay alive
-    (the pooled vectors kept for retrieval), so without trimming the heap fragments and peak
-    RSS grows with the number of pairs. Trimming after every batch kept it flat too, but the
-    next batch faulted the same pages in again (align: ~18 % system time); a fixed
-    M_MMAP_THRESHOLD made every large allocation a fresh mmap (a quarter of eval's CPU)."""
-    if _LIBC is None:
-        return
-    info = _LIBC.mallinfo2()
-    if info.fordblks > max(TRIM_ABOVE, 2 * info.uordblks):
-        _LIBC.malloc_trim(0)
-
-
 def _needs_parallel(family: Family) -> bool:
     n = family.needs
     return bool(n.activations) or n.gradients or n.baseline
@@ -254,7 +210,7 @@ def local_cluster(workers: int):
     dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns off glibc's
     dynamic mmap threshold: every large temporary becomes a fresh mmap whose pages fault in
     again (align of one tiny checkpoint: 4.4x the page faults, 2.4x the system time). Our
-    own workers start without it; `_release_heap` already keeps their memory flat."""
+    own workers start without it; `probekit.heap` keeps their memory flat."""
     import dask
     from dask.distributed import LocalCluster
 

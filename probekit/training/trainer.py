@@ -35,6 +35,7 @@ from probekit.config import (
     load_config,
 )
 from probekit.errors import ConfigError, RunDirError
+from probekit.heap import steady_heap
 from probekit.training.model import build_model
 
 
@@ -427,6 +428,7 @@ def train(
     (tests, benchmarks).
     """
     cfg = load_config(config, overrides)
+    steady_heap()  # every step frees and reallocates the same buffers: keep them mapped
     job = setup(cfg, Path(out), device)
     run_dir, steps, B, T = job.run_dir, cfg.train.steps, cfg.train.batch_size, cfg.model.context
     if job.rank0:
