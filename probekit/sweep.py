@@ -28,6 +28,7 @@ import itertools
 import os
 import uuid
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,19 +229,11 @@ def run_sweep(
     that many one-thread local workers instead. Finished work is skipped either way (training
     resumes, stored checkpoints are kept).
     """
-    from probekit.engine import SCHEDULER_ENV
-
-    scheduler = scheduler or os.environ.get(SCHEDULER_ENV) or None
-    if workers and not scheduler and not launch_list:
-        from probekit.engine import local_cluster
-
-        expand_grid(Path(grid))  # a bad grid fails before the workers start
-        with local_cluster(workers) as cluster:
-            return run_sweep(grid, out, None, analyse, device, progress, cluster.scheduler_address)
+    from probekit.engine import SCHEDULER_ENV, local_cluster
     from probekit.training import train
 
     out = Path(out)
-    planned = expand_grid(Path(grid))
+    planned = expand_grid(Path(grid))  # a bad grid fails here, before anything is written
     cfg_dir = out / "configs"
     cfg_dir.mkdir(parents=True, exist_ok=True)
     for run in planned:
@@ -253,26 +246,30 @@ def run_sweep(
             f'(e.g. a job array: sed -n "${{SLURM_ARRAY_TASK_ID}}p" {launch_list} | sh)'
         )
     options = analysis_options(Path(grid)) if analyse else None
-    if scheduler:
+    scheduler = scheduler or os.environ.get(SCHEDULER_ENV) or None
+    if scheduler or workers:
         # one task per run, training then its analysis, so a worker that finishes a run goes
         # on to its analysis while the others train; the longest tasks start first
         order = sorted(planned, key=_expected_cost, reverse=True)
-        if progress:
-            what = "training and analysing" if analyse else "training"
-            print(f"{len(order)} runs: {what} on {scheduler}, each run one task")
         tasks = [
             (_train_and_analyse, cfg_dir / f"{r.name}.toml", out / r.name, device, r.kind, options)
             for r in order
         ]
-        _on_cluster(scheduler, tasks, [r.name for r in order], progress)
-    for i, run in enumerate([] if scheduler else planned, 1):
-        if progress:
-            print(f"[{i}/{len(planned)}] {run.kind} {run.name}")
-        train(cfg_dir / f"{run.name}.toml", out / run.name, device=device, progress=progress)
+        with nullcontext() if scheduler else local_cluster(workers) as cluster:
+            address = scheduler or cluster.scheduler_address
+            if progress:
+                what = "training and analysing" if analyse else "training"
+                print(f"{len(order)} runs: {what} on {address}, each run one task")
+            _on_cluster(address, tasks, [r.name for r in order], progress)
+    else:
+        for i, run in enumerate(planned, 1):
+            if progress:
+                print(f"[{i}/{len(planned)}] {run.kind} {run.name}")
+            train(cfg_dir / f"{run.name}.toml", out / run.name, device=device, progress=progress)
+        if analyse:
+            analyse_sweep(planned, out, progress=progress, options=options)
     if not analyse:
         return f"{len(planned)} runs trained in {out}"
-    if not scheduler:
-        analyse_sweep(planned, out, progress=progress, options=options)
     return teff_summary(planned, out)
 
 
