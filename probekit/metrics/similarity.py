@@ -72,6 +72,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import xarray as xr
+from scipy.linalg.blas import dsyrk
 from scipy.optimize import linear_sum_assignment
 
 from probekit.errors import MetricError
@@ -299,6 +300,18 @@ def _map_r2(fit: dict, test: dict, kind: str, ridge: float) -> np.ndarray:
 # ---------------------------------------------------------------------------- streaming classes
 
 
+def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """acc[l] += the upper triangle of x[l]' x[l], for float64 x [L, N, d] on the CPU.
+
+    BLAS syrk does half a GEMM's work for a symmetric product (measured 1.8x faster than the
+    float64 matmul at d = 128 and 256); the lower triangle stays zero until ``full_cells``
+    mirrors the summed upper one."""
+    xs = x.contiguous().numpy()
+    for layer in range(xs.shape[0]):
+        # xs[layer].T is the Fortran-ordered d x N matrix A: syrk forms A A' without a copy
+        acc[layer] += torch.from_numpy(dsyrk(1.0, xs[layer].T))
+
+
 class _Stream:
     """Additive per-(group, parity) sums for one kind of pairing (main or baseline)."""
 
@@ -423,11 +436,10 @@ class _Stream:
         cell["nx2"] += nx2.sum(1)
         cell["ny2"] += ny2.sum(1)
         if "xy" in cell:
-            xt = x.transpose(1, 2)
-            cell["xy"] += xt @ y
-            cell["yy"] += y.transpose(1, 2) @ y
+            cell["xy"] += x.transpose(1, 2) @ y
+            _add_gram(cell["yy"], y)
             if o._need_cka:
-                cell["xx"] += xt @ x
+                _add_gram(cell["xx"], x)
                 w = torch.stack([nx2, ny2], 1)  # [L, 2, N]: sum_t x_t |x_t|^2 ... as products
                 xw, yw = torch.bmm(w, x), torch.bmm(w, y)
                 cell["x_nx2"] += xw[:, 0]
@@ -440,13 +452,26 @@ class _Stream:
 
     # -- reduction
 
-    def _sum(self, weights: dict[tuple[int, int], float]) -> dict[str, np.ndarray]:
+    def full_cells(self) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+        """The cells as float64 arrays, with the Gram sums (kept as upper triangles) mirrored."""
+        out = {}
+        for key, cell in self.cells.items():
+            c = {k: v.numpy() for k, v in cell.items()}
+            for k in ("xx", "yy"):
+                if k in c:
+                    u = c[k]
+                    c[k] = u + np.triu(u, 1).transpose(0, 2, 1)
+            out[key] = c
+        return out
+
+    def _sum(
+        self, weights: dict[tuple[int, int], float], cells: dict[tuple[int, int], dict]
+    ) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         for key, w in weights.items():
             if w == 0:
                 continue
-            for k, v in self.cells[key].items():
-                a = v.numpy()
+            for k, a in cells[key].items():
                 if k in out:
                     out[k] += w * a
                 else:
@@ -456,13 +481,16 @@ class _Stream:
                 out[k] = float(out[k])
         return out
 
-    def metrics(self, weights: dict[tuple[int, int], float]) -> dict[str, np.ndarray]:
+    def metrics(
+        self, weights: dict[tuple[int, int], float], cells: dict[tuple[int, int], dict]
+    ) -> dict[str, np.ndarray]:
+        """Every metric from the weighted sum of the cells (``full_cells``)."""
         o = self.o
         L = o.n_layers
         nan = np.full(L, np.nan)
         w_fit = {k: w for k, w in weights.items() if k[1] == 0}
         w_test = {k: w for k, w in weights.items() if k[1] == 1}
-        fit, test = self._sum(w_fit), self._sum(w_test)
+        fit, test = self._sum(w_fit, cells), self._sum(w_test, cells)
         tot = {k: fit.get(k, 0) + test.get(k, 0) for k in set(fit) | set(test)}
         res: dict[str, np.ndarray] = {}
         have = bool(tot) and tot["n_pairs"] > 0
@@ -610,8 +638,8 @@ class SimilarityAccumulator:
     def _stream_result(
         self, s: _Stream, ci: float | None, n_boot: int, rng: np.random.Generator
     ) -> dict[str, np.ndarray]:
-        full = {k: 1.0 for k in s.cells}
-        out = s.metrics(full)
+        cells = s.full_cells()
+        out = s.metrics({k: 1.0 for k in cells}, cells)
         reps: dict[str, list[np.ndarray]] = {k: [] for k in out}
         if ci is not None:
             keys = sorted(s.cells)
@@ -620,7 +648,7 @@ class SimilarityAccumulator:
                 draw = rng.integers(0, len(groups), len(groups))
                 cnt = np.bincount(draw, minlength=len(groups))
                 gw = dict(zip(groups, cnt.tolist(), strict=True))
-                r = s.metrics({k: float(gw[k[0]]) for k in keys})
+                r = s.metrics({k: float(gw[k[0]]) for k in keys}, cells)
                 for k, v in r.items():
                     reps[k].append(v)
         if self._need_retrieval:
