@@ -1,6 +1,6 @@
 """Benchmark: batched gradient alignment vs the reference two-backward loop (CPU), side by side.
 
-Usage: python bench/bench_gradients.py [--quick] [--threads 1] [--pairs 32] [--seq 128]
+Usage: python bench/bench_gradients.py [--quick] [--threads 1] [--pairs 32] [--seq 128] [--dots]
 
 For each setting (the `nano`, `tiny`, `cpu` presets with vocab 1024 = clones of a 512-piece
 BPE, T=128, and one wider setting) it times, interleaved and best of --repeat:
@@ -13,6 +13,10 @@ BPE, T=128, and one wider setting) it times, interleaved and best of --repeat:
                 padding + causal attention: real tokens never see pads, pad targets carry no
                 loss), then the same per-tensor dots / QKV split / block sums / _finish.
 Every method's per-tensor cosines must agree with the reference to 1e-4.
+
+``--dots`` instead times the two ways of forming one weight's per-pair inner products
+(``_dots_linear``: ghost Grams vs explicit per-sequence gradients) for each linear layer shape
+of the tiny and cpu presets (16 pairs, T=128), and names the one "auto" picks.
 
 Threads: default 1. On the shared 2-core box two torch threads thrash whenever another job runs
 (measured up to 40x slower per small op), which makes any timing meaningless.
@@ -154,6 +158,29 @@ def bench(name: str, model_cfg: dict, vocab: int, n: int, t: int, repeat: int, v
     return rows
 
 
+def bench_dots(t: int, repeat: int) -> None:
+    """Ghost vs explicit inner products per layer shape, and the one "auto" picks."""
+    print(f"_dots_linear, 16 pairs x T={t}, best of {repeat} (interleaved), ms")
+    print(f"{'d':>4s} {'in':>5s} {'out':>5s} {'split':>5s} | {'ghost':>7s} {'explicit':>8s} | auto")
+    rng = torch.Generator().manual_seed(0)
+    for d in (128, 256):  # tiny, cpu: c_attn (split q/k/v), c_proj, c_fc, mlp.c_proj, lm_head
+        shapes = ((d, 3 * d, 3), (d, d, 1), (d, 4 * d, 1), (4 * d, d, 1), (d, 512, 1))
+        for n_in, n_out, splits in shapes:
+            a1, a2 = (torch.randn(16, t, n_in, generator=rng) for _ in range(2))
+            e1, e2 = (torch.randn(16, t, n_out, generator=rng) for _ in range(2))
+            best = {"ghost": float("inf"), "explicit": float("inf")}
+            for _ in range(repeat):
+                for m in best:
+                    t0 = time.perf_counter()
+                    G._dots_linear(a1, e1, a2, e2, splits=splits, method=m)
+                    best[m] = min(best[m], time.perf_counter() - t0)
+            pick = G._dots_method(16, t, t, n_in, n_out)
+            print(
+                f"{d:4d} {n_in:5d} {n_out:5d} {splits:5d} | {best['ghost'] * 1e3:7.2f} "
+                f"{best['explicit'] * 1e3:8.2f} | {pick}"
+            )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -163,8 +190,12 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--repeat", type=int, default=0, help="best of (default 3, quick 1)")
     ap.add_argument("--no-vmap", action="store_true")
+    ap.add_argument("--dots", action="store_true", help="ghost vs explicit per layer shape")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.dots:
+        bench_dots(args.seq, args.repeat or 5)
+        return
     n = args.pairs or (16 if args.quick else 32)
     rep = args.repeat or (1 if args.quick else 3)
     t, v = args.seq, args.vocab
