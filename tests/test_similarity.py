@@ -220,3 +220,51 @@ def test_bad_input():
         acc.update(h1, m, h2, m, idx)
     with pytest.raises(MetricError):  # ci without groups
         acc.result(ci=0.9)
+
+
+def _feed_engine_order(
+    acc: SimilarityAccumulator, h1: torch.Tensor, h2: torch.Tensor, bs: int
+) -> None:
+    """The engine's order: batch k's main pairs, then its baseline (L1 of pair i with L2 of
+    pair i + 1 mod n)."""
+    n = h1.shape[1]
+    mask = torch.ones(h1.shape[1:3], dtype=torch.bool)
+    for s in range(0, n, bs):
+        idx = torch.arange(s, min(s + bs, n))
+        acc.update(h1[:, idx], mask[idx], h2[:, idx], mask[idx], idx)
+        acc.update_baseline(h1[:, idx], mask[idx], h2[:, (idx + 1) % n], mask[idx], idx)
+
+
+@pytest.mark.parametrize("n_groups, n", [(None, 24), (4, 24), (3, 24)])
+def test_shared_baseline_equals_computed_baseline(n_groups, n):
+    """The baseline's one-language sums moved from the main cells give the numbers the
+    baseline computes itself, intervals included."""
+    g = torch.Generator().manual_seed(3)
+    h1 = torch.randn(3, n, 7, 6, generator=g) + 2.0
+    h2 = 0.5 * h1 + torch.randn(3, n, 7, 6, generator=g)
+    out = []
+    for share in (False, True):
+        acc = SimilarityAccumulator(3, 6, n_groups=n_groups, share_baseline=share)
+        _feed_engine_order(acc, h1, h2, bs=5)
+        out.append(acc.result(ci=0.9 if n_groups else None, n_boot=50))
+    assert any(k.endswith("_baseline") for k in out[0].data_vars)
+    for k in out[0].data_vars:
+        np.testing.assert_allclose(out[1][k].values, out[0][k].values, rtol=1e-10, atol=1e-12)
+
+
+def test_shared_baseline_bad_input():
+    g = torch.Generator().manual_seed(4)
+    h1, h2 = torch.randn(2, 7, 5, 4, generator=g), torch.randn(2, 7, 5, 4, generator=g)
+    acc = SimilarityAccumulator(2, 4, share_baseline=True)
+    _feed_engine_order(acc, h1, h2, bs=3)  # 7 pairs: the odd pair count mixes parities
+    with pytest.raises(MetricError, match="do not move whole cells"):
+        acc.result()
+    acc = SimilarityAccumulator(2, 4, share_baseline=True)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[0, 4] = False
+    with pytest.raises(MetricError, match="full-length"):
+        acc.update(h1[:, :3], mask, h2[:, :3], mask, torch.arange(3))
+    acc = SimilarityAccumulator(2, 4, share_baseline=True)
+    full = torch.ones(3, 5, dtype=torch.bool)
+    with pytest.raises(MetricError, match="main batch before"):
+        acc.update_baseline(h1[:, :3], full, h2[:, :3], full, torch.arange(3))

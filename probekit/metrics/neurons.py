@@ -82,13 +82,13 @@ class NeuronAccumulator:
                     f"acts of layer {lay + 1} has shape {tuple(a.shape)}, "
                     f"expected [B, T, {self.d_mlp}]"
                 )
-            if mask is None:
+            if mask is not None and tuple(mask.shape) != tuple(a.shape[:2]):
+                raise MetricError(
+                    f"mask shape {tuple(mask.shape)} does not match acts {tuple(a.shape[:2])}"
+                )
+            if mask is None or bool(mask.all()):  # no pads: no gathered copy of the batch
                 flat = a.reshape(-1, self.d_mlp)
             else:
-                if tuple(mask.shape) != tuple(a.shape[:2]):
-                    raise MetricError(
-                        f"mask shape {tuple(mask.shape)} does not match acts {tuple(a.shape[:2])}"
-                    )
                 flat = a[mask.to(device=a.device, dtype=torch.bool)]
             flat = flat.detach()
             self.counts[lay, li] += (flat > self.threshold).sum(0).to("cpu", torch.int64)

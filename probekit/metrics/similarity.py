@@ -67,6 +67,7 @@ Bootstrap cost: one batched d x d solve + SVD per layer per replicate.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -299,6 +300,10 @@ def _map_r2(fit: dict, test: dict, kind: str, ridge: float) -> np.ndarray:
 
 # ---------------------------------------------------------------------------- streaming classes
 
+# the sums of a cell that read one side only (a shared baseline borrows them)
+_X_SIDE = ("an1", "ax", "sx", "nx2", "xx", "x_nx2", "nx4")
+_Y_SIDE = ("an2", "ay", "sy", "ny2", "yy", "y_ny2", "ny4")
+
 
 def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc[l] += the upper triangle of x[l]' x[l], for float64 x [L, N, d] on the CPU.
@@ -315,8 +320,11 @@ def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
 class _Stream:
     """Additive per-(group, parity) sums for one kind of pairing (main or baseline)."""
 
-    def __init__(self, owner: SimilarityAccumulator) -> None:
+    def __init__(self, owner: SimilarityAccumulator, one_language: bool = True) -> None:
         self.o = owner
+        # False for a shared baseline: its one-language sums are the main stream's (see
+        # SimilarityAccumulator, share_baseline); only the cross-language ones are kept here
+        self.one_language = one_language
         self.cells: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
         self.pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.seen: set[int] = set()
@@ -373,8 +381,10 @@ class _Stream:
                 rows.append(r1[torch.from_numpy(r)])
                 cols.append(r2[torch.from_numpy(col)])
 
+        if o.share_baseline and not (bool(mask1.all()) and bool(mask2.all())):
+            raise MetricError("share_baseline needs full-length sequences (no padding)")
         # pooled sequences for retrieval (small: [B, L, d] per batch)
-        if o._need_retrieval:
+        if o._need_retrieval and self.one_language:
 
             def pool(h: torch.Tensor, m: torch.Tensor) -> np.ndarray:  # [B, L, d] float64
                 # masked float32 values summed in float64: no float64 copy of the batch
@@ -383,6 +393,10 @@ class _Stream:
 
             self.pooled.append((idx.copy(), pool(h1, mask1), pool(h2, mask2)))
 
+        if self.shift is None and not self.one_language:
+            if o._main.shift is None:
+                raise MetricError("share_baseline: feed a main batch before its baseline")
+            self.shift = o._main.shift  # the one-language sums it borrows were shifted so
         if self.shift is None:
             # fixed shift (mean of the first batch): exact invariance, less cancellation
             self.shift = (
@@ -390,8 +404,7 @@ class _Stream:
                 h2.to(torch.float64)[:, mask2].mean(1),
             )
         c1, c2 = self.shift
-        groups = idx % o.n_groups if o.n_groups else np.zeros_like(idx)
-        keys = list(zip(groups.tolist(), (idx % 2).tolist(), strict=True))
+        keys = [o.cell_key(i) for i in idx.tolist()]
         # token rows of the flattened [L, B*T, d] batch: one gather per cell and side
         T1, T2 = h1.shape[2], h2.shape[2]
         flat1, flat2 = h1.reshape(o.n_layers, -1, o.d_model), h2.reshape(o.n_layers, -1, o.d_model)
@@ -421,6 +434,9 @@ class _Stream:
 
         (f1, r1, m1, c1), (f2, r2, m2, c2) = side1, side2
         x, y = rows(f1, r1, c1), rows(f2, r2, c2)
+        if not self.one_language:
+            self._accumulate_cross(cell, x, y)
+            return
         # every real token is paired (clones; the shorter side of a matching): same rows
         a1 = x if torch.equal(r1, m1) else rows(f1, m1, c1)
         a2 = y if torch.equal(r2, m2) else rows(f2, m2, c2)
@@ -448,6 +464,18 @@ class _Stream:
                 cell["y_nx2"] += yw[:, 0]
                 cell["nx4"] += (nx2 * nx2).sum(1)
                 cell["ny4"] += (ny2 * ny2).sum(1)
+                cell["nx2ny2"] += (nx2 * ny2).sum(1)
+
+    def _accumulate_cross(self, cell, x: torch.Tensor, y: torch.Tensor) -> None:  # noqa: ANN001
+        """The sums that pair the two sides (a shared baseline's only own ones)."""
+        nx2, ny2 = (x * x).sum(-1), (y * y).sum(-1)
+        cell["n"] += x.shape[1]
+        cell["dot"] += (x * y).sum((1, 2))
+        if "xy" in cell:
+            cell["xy"] += x.transpose(1, 2) @ y
+            if self.o._need_cka:
+                cell["x_ny2"] += torch.bmm(ny2[:, None], x)[:, 0]
+                cell["y_nx2"] += torch.bmm(nx2[:, None], y)[:, 0]
                 cell["nx2ny2"] += (nx2 * ny2).sum(1)
 
     # -- reduction
@@ -524,6 +552,12 @@ class SimilarityAccumulator:
     See the module docstring for definitions. ``update`` / ``update_baseline`` take
     h [L+1, B, T, d] float tensors, masks [B, T] bool and pair_index [B] int; ``result`` returns
     an xarray.Dataset with dims ``layer`` (and ``direction`` for retrieval).
+
+    ``share_baseline``: the caller promises that pairs 0..n-1 are all fed to both streams,
+    every sequence full-length (no padding), and that the L2 side of baseline pair i is the
+    main stream's L2 sequence of pair (i + 1) mod n. The baseline's one-language sums are then
+    the main stream's, moved between cells, and are not computed twice; ``result`` checks the
+    cell bookkeeping. Same numbers as without it, to float64 rounding.
     """
 
     def __init__(
@@ -535,6 +569,7 @@ class SimilarityAccumulator:
         n_groups: int | None = None,
         ridge: float = 1e-2,
         match_layers: Sequence[int] | None = None,
+        share_baseline: bool = False,
     ) -> None:
         if int(n_layers_plus_1) < 1 or int(d_model) < 1:
             raise MetricError(
@@ -560,7 +595,13 @@ class SimilarityAccumulator:
         self._need_retrieval = "retrieval_acc" in metrics
         # token-level sums are only needed beyond the per-pair cosine
         self._need_tokens = self._need_cka or self._need_map or "hidden_cos_centred" in metrics
-        self._main, self._base = _Stream(self), _Stream(self)
+        self.share_baseline = bool(share_baseline)
+        self._main = _Stream(self)
+        self._base = _Stream(self, one_language=not self.share_baseline)
+
+    def cell_key(self, pair_index: int) -> tuple[int, int]:
+        """(bootstrap group, parity) of a pair: the cell its sums go to."""
+        return (pair_index % self.n_groups if self.n_groups else 0, pair_index % 2)
 
     # -- input
 
@@ -635,14 +676,50 @@ class SimilarityAccumulator:
 
     # -- output
 
+    def _baseline_parts(self) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+        """The baseline's full cells and pooled vectors; a shared baseline takes its
+        one-language sums from the main stream's cells (see ``share_baseline``)."""
+        base = self._base
+        cells = base.full_cells()
+        if base.one_language:
+            return cells, base.pooled_arrays() if self._need_retrieval else None
+        n = len(self._main.seen)
+        if base.seen != self._main.seen or self._main.seen != set(range(n)):
+            raise MetricError("share_baseline: both streams need exactly the pairs 0..n-1")
+        moved: dict[tuple[int, int], tuple[int, int]] = {}
+        for j in range(n):  # L2 of pair j is the baseline partner of pair j - 1
+            src, dst = self.cell_key(j), self.cell_key((j - 1) % n)
+            if moved.setdefault(src, dst) != dst:
+                raise MetricError(
+                    f"share_baseline: {n} pairs do not move whole cells (use a multiple of "
+                    f"{math.lcm(self.n_groups or 1, 2)} pairs, or no sharing)"
+                )
+        if sorted(moved.values()) != sorted(cells):
+            raise MetricError("share_baseline: the baseline's cells do not match the main ones")
+        main = self._main.full_cells()
+        for key, cell in cells.items():  # L1 side: pair i is in the same cell in both
+            cell.update({k: main[key][k] for k in _X_SIDE if k in main[key]})
+        for src, dst in moved.items():
+            cells[dst].update({k: main[src][k] for k in _Y_SIDE if k in main[src]})
+        pooled = None
+        if self._need_retrieval:
+            p1, p2 = self._main.pooled_arrays()
+            pooled = (p1, np.roll(p2, -1, axis=1))
+        return cells, pooled
+
     def _stream_result(
-        self, s: _Stream, ci: float | None, n_boot: int, rng: np.random.Generator
+        self,
+        s: _Stream,
+        cells: dict,
+        pooled: tuple[np.ndarray, np.ndarray] | None,
+        ci: float | None,
+        n_boot: int,
+        rng: np.random.Generator,
     ) -> dict[str, np.ndarray]:
-        cells = s.full_cells()
         out = s.metrics({k: 1.0 for k in cells}, cells)
         reps: dict[str, list[np.ndarray]] = {k: [] for k in out}
         if ci is not None:
-            keys = sorted(s.cells)
+            keys = sorted(cells)
             groups = sorted({k[0] for k in keys})
             for _ in range(n_boot):
                 draw = rng.integers(0, len(groups), len(groups))
@@ -652,7 +729,7 @@ class SimilarityAccumulator:
                 for k, v in r.items():
                     reps[k].append(v)
         if self._need_retrieval:
-            p1, p2 = s.pooled_arrays()
+            p1, p2 = pooled
             n = p1.shape[1]
             if n < 2:
                 out["retrieval_acc"] = np.full((self.n_layers, 2), np.nan)
@@ -685,9 +762,11 @@ class SimilarityAccumulator:
         if n_boot < 1:
             raise MetricError(f"n_boot must be >= 1, got {n_boot}")
         rng = np.random.default_rng(seed)
-        data = self._stream_result(self._main, ci, n_boot, rng)
+        pooled = self._main.pooled_arrays() if self._need_retrieval else None
+        data = self._stream_result(self._main, self._main.full_cells(), pooled, ci, n_boot, rng)
         if self._base.cells:
-            for k, v in self._stream_result(self._base, ci, n_boot, rng).items():
+            cells, pooled = self._baseline_parts()
+            for k, v in self._stream_result(self._base, cells, pooled, ci, n_boot, rng).items():
                 base, suffix = (k[:-3], k[-3:]) if k.endswith(("_lo", "_hi")) else (k, "")
                 data[f"{base}_baseline{suffix}"] = v
         n_pairs = len(self._main.seen)
@@ -763,12 +842,18 @@ _TITLES = {
 class _SimilarityRun:
     def __init__(self, ctx: CheckpointContext):
         par, opts = ctx.series.parallel, ctx.options
+        n_groups = 20 if opts.ci else None
+        # the engine's baseline pairs L1 of pair i with L2 of pair i + 1 (mod n): with clones of
+        # one length and whole cells moved, its one-language sums are the main stream's
+        lengths = {len(ids) for ids in (*par.ids1, *par.ids2)}
+        share = par.aligned and len(lengths) == 1 and len(par) % math.lcm(n_groups or 1, 2) == 0
         self.acc = SimilarityAccumulator(
             ctx.view.n_layers + 1,
             ctx.view.d_model,
             metrics=METRICS,
             aligned=par.aligned,
-            n_groups=20 if opts.ci else None,
+            n_groups=n_groups,
+            share_baseline=share,
         )
         self.ci, self.n_boot = opts.ci, opts.n_boot
 
