@@ -14,7 +14,7 @@ from tiny_models import TINY_SIZES
 
 import probekit
 from probekit.cli.main import cli
-from probekit.hooks import load_bridge, pad_batch, run_activations
+from probekit.hooks import FINAL_NORM_HOOK, load_bridge, pad_batch, run_activations
 from probekit.metrics.gradients import gradient_alignment_general, mean_paper_tensors
 from probekit.model_view import ModelView
 
@@ -177,7 +177,14 @@ def test_bridge_activations_equal_hf_hidden_states(arch: str, tmp_path: Path):
     with torch.no_grad():
         model(ids)
     norm.remove()
-    acts = run_activations(load_bridge(model, tokenizer(), view), ids, mask, view, True, True)
+    with torch.no_grad():
+        logits = model(ids).logits
+    bridge = load_bridge(model, tokenizer(), view)
+    # the forward stops at the final norm (every cached hook has fired), on every architecture
+    assert FINAL_NORM_HOOK in bridge.hook_dict
+    acts = run_activations(bridge, ids, mask, view, True, True)
+    with torch.no_grad():  # the stop is gone afterwards: a plain call runs to the logits
+        torch.testing.assert_close(bridge(ids), logits, atol=1e-5, rtol=1e-5)
     assert acts.resid.shape == (view.n_layers + 1, 2, 10, view.d_model)
     assert acts.mlp.shape == (view.n_layers, 2, 10, view.d_mlp)
     # HF's last hidden state has the final norm applied; the residual stream is its input

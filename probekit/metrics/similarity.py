@@ -443,16 +443,20 @@ class _Stream:
         cell["n"] += x.shape[1]
         cell["an1"] += a1.shape[1]
         cell["an2"] += a2.shape[1]
-        cell["ax"] += a1.sum(1)
-        cell["ay"] += a2.sum(1)
-        cell["sx"] += x.sum(1)
-        cell["sy"] += y.sum(1)
+        sx, sy = x.sum(1), y.sum(1)
+        cell["ax"] += sx if a1 is x else a1.sum(1)
+        cell["ay"] += sy if a2 is y else a2.sum(1)
+        cell["sx"] += sx
+        cell["sy"] += sy
         nx2, ny2 = (x * x).sum(-1), (y * y).sum(-1)  # [L, N]
-        cell["dot"] += (x * y).sum((1, 2))
         cell["nx2"] += nx2.sum(1)
         cell["ny2"] += ny2.sum(1)
-        if "xy" in cell:
-            cell["xy"] += x.transpose(1, 2) @ y
+        if "xy" not in cell:
+            cell["dot"] += (x * y).sum((1, 2))
+        else:
+            xy = x.transpose(1, 2) @ y
+            cell["xy"] += xy
+            cell["dot"] += xy.diagonal(dim1=1, dim2=2).sum(1)  # sum_t x_t . y_t = trace(X'Y)
             _add_gram(cell["yy"], y)
             if o._need_cka:
                 _add_gram(cell["xx"], x)
@@ -468,15 +472,18 @@ class _Stream:
 
     def _accumulate_cross(self, cell, x: torch.Tensor, y: torch.Tensor) -> None:  # noqa: ANN001
         """The sums that pair the two sides (a shared baseline's only own ones)."""
-        nx2, ny2 = (x * x).sum(-1), (y * y).sum(-1)
         cell["n"] += x.shape[1]
-        cell["dot"] += (x * y).sum((1, 2))
-        if "xy" in cell:
-            cell["xy"] += x.transpose(1, 2) @ y
-            if self.o._need_cka:
-                cell["x_ny2"] += torch.bmm(ny2[:, None], x)[:, 0]
-                cell["y_nx2"] += torch.bmm(nx2[:, None], y)[:, 0]
-                cell["nx2ny2"] += (nx2 * ny2).sum(1)
+        if "xy" not in cell:
+            cell["dot"] += (x * y).sum((1, 2))
+            return
+        xy = x.transpose(1, 2) @ y
+        cell["xy"] += xy
+        cell["dot"] += xy.diagonal(dim1=1, dim2=2).sum(1)  # sum_t x_t . y_t = trace(X'Y)
+        if self.o._need_cka:
+            nx2, ny2 = (x * x).sum(-1), (y * y).sum(-1)
+            cell["x_ny2"] += torch.bmm(ny2[:, None], x)[:, 0]
+            cell["y_nx2"] += torch.bmm(nx2[:, None], y)[:, 0]
+            cell["nx2ny2"] += (nx2 * ny2).sum(1)
 
     # -- reduction
 
