@@ -430,7 +430,8 @@ class _Stream:
         o = self.o
 
         def rows(flat, idx, shift):  # noqa: ANN001, ANN202 - float64, shifted
-            return flat.index_select(1, idx).to(torch.float64) - shift[:, None]
+            x = flat.index_select(1, idx).to(torch.float64)
+            return x.sub_(shift[:, None])  # in place: one float64 copy of the rows, not two
 
         (f1, r1, m1, c1), (f2, r2, m2, c2) = side1, side2
         x, y = rows(f1, r1, c1), rows(f2, r2, c2)
