@@ -7,7 +7,8 @@ N runs, in a fresh subprocess, align(run, metrics="similarity", steps=[final], r
 options=AlignOptions(n_pairs=N, seq_len=64)) and reports the process's peak RSS
 (resource.getrusage(RUSAGE_SELF).ru_maxrss) before and after align, plus the accumulator's
 `nbytes_sums` (additive sums: independent of N) and its pooled retrieval vectors (grow as
-2 streams x 2 languages x (L+1) x d x 8 B per pair). N is capped at the number of parallel
+2 languages x (L+1) x d x 8 B per pair and stream; a shared baseline, as for these clones of
+one length, keeps none of its own). N is capped at the number of parallel
 pairs the run provides at seq_len 64.
 """
 
@@ -115,7 +116,7 @@ def main() -> None:
     print(
         f"sums constant: {len(sums) == 1}; peak RSS change {rows[0]['n_pairs']} -> "
         f"{rows[-1]['n_pairs']} pairs: {growth:+.1f} MB; pooled retrieval vectors "
-        f"{per_pair:.0f} B per pair (main + baseline streams)"
+        f"{per_pair:.0f} B per pair (the main stream's; a shared baseline keeps none)"
     )
     print(
         "note: after a batch the driver trims the heap (malloc_trim) when its free part exceeds "
