@@ -528,7 +528,9 @@ def report(run_dirs, out, title, sweep_table) -> None:
     help="Folder for the demo's runs and report.",
 )
 @click.option(
-    "--full", is_flag=True, help="The CPU grid that shows the token-efficiency effect (~30 min)."
+    "--full",
+    is_flag=True,
+    help="The CPU grid that shows the token-efficiency effect (~75 min on 2 cores).",
 )
 @click.option(
     "--workers",
