@@ -435,13 +435,16 @@ class _Stream:
 
         (f1, r1, m1, c1), (f2, r2, m2, c2) = side1, side2
         x, y = rows(f1, r1, c1), rows(f2, r2, c2)
+        norms = None
+        if self.one_language or o._need_cka:
+            norms = (x * x).sum(-1), (y * y).sum(-1)  # [L, N] each
+        self._accumulate_cross(cell, x, y, norms)
         if not self.one_language:
-            self._accumulate_cross(cell, x, y)
             return
+        nx2, ny2 = norms
         # every real token is paired (clones; the shorter side of a matching): same rows
         a1 = x if torch.equal(r1, m1) else rows(f1, m1, c1)
         a2 = y if torch.equal(r2, m2) else rows(f2, m2, c2)
-        cell["n"] += x.shape[1]
         cell["an1"] += a1.shape[1]
         cell["an2"] += a2.shape[1]
         sx, sy = x.sum(1), y.sum(1)
@@ -449,30 +452,20 @@ class _Stream:
         cell["ay"] += sy if a2 is y else a2.sum(1)
         cell["sx"] += sx
         cell["sy"] += sy
-        nx2, ny2 = (x * x).sum(-1), (y * y).sum(-1)  # [L, N]
         cell["nx2"] += nx2.sum(1)
         cell["ny2"] += ny2.sum(1)
-        if "xy" not in cell:
-            cell["dot"] += (x * y).sum((1, 2))
-        else:
-            xy = x.transpose(1, 2) @ y
-            cell["xy"] += xy
-            cell["dot"] += xy.diagonal(dim1=1, dim2=2).sum(1)  # sum_t x_t . y_t = trace(X'Y)
+        if "xy" in cell:
             _add_gram(cell["yy"], y)
             if o._need_cka:
                 _add_gram(cell["xx"], x)
-                w = torch.stack([nx2, ny2], 1)  # [L, 2, N]: sum_t x_t |x_t|^2 ... as products
-                xw, yw = torch.bmm(w, x), torch.bmm(w, y)
-                cell["x_nx2"] += xw[:, 0]
-                cell["y_ny2"] += yw[:, 1]
-                cell["x_ny2"] += xw[:, 1]
-                cell["y_nx2"] += yw[:, 0]
+                cell["x_nx2"] += torch.bmm(nx2[:, None], x)[:, 0]  # sum_t x_t |x_t|^2
+                cell["y_ny2"] += torch.bmm(ny2[:, None], y)[:, 0]
                 cell["nx4"] += (nx2 * nx2).sum(1)
                 cell["ny4"] += (ny2 * ny2).sum(1)
-                cell["nx2ny2"] += (nx2 * ny2).sum(1)
 
-    def _accumulate_cross(self, cell, x: torch.Tensor, y: torch.Tensor) -> None:  # noqa: ANN001
-        """The sums that pair the two sides (a shared baseline's only own ones)."""
+    def _accumulate_cross(self, cell, x, y, norms) -> None:  # noqa: ANN001
+        """The sums that pair the two sides (all a shared baseline keeps of its own);
+        norms = the rows' squared norms (|x_t|^2, |y_t|^2), needed for CKA."""
         cell["n"] += x.shape[1]
         if "xy" not in cell:
             cell["dot"] += (x * y).sum((1, 2))
@@ -481,7 +474,7 @@ class _Stream:
         cell["xy"] += xy
         cell["dot"] += xy.diagonal(dim1=1, dim2=2).sum(1)  # sum_t x_t . y_t = trace(X'Y)
         if self.o._need_cka:
-            nx2, ny2 = (x * x).sum(-1), (y * y).sum(-1)
+            nx2, ny2 = norms
             cell["x_ny2"] += torch.bmm(ny2[:, None], x)[:, 0]
             cell["y_nx2"] += torch.bmm(nx2[:, None], y)[:, 0]
             cell["nx2ny2"] += (nx2 * ny2).sum(1)
@@ -684,9 +677,12 @@ class SimilarityAccumulator:
 
     # -- output
 
-    def _baseline_parts(self) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
+    def _baseline_parts(
+        self, main: dict, main_pooled: tuple[np.ndarray, np.ndarray] | None
+    ) -> tuple[dict, tuple[np.ndarray, np.ndarray] | None]:
         """The baseline's full cells and pooled vectors; a shared baseline takes its
-        one-language sums from the main stream's cells (see ``share_baseline``)."""
+        one-language sums from the main stream's full cells and pooled vectors (see
+        ``share_baseline``)."""
         base = self._base
         cells = base.full_cells()
         if base.one_language:
@@ -704,14 +700,13 @@ class SimilarityAccumulator:
                 )
         if sorted(moved.values()) != sorted(cells):
             raise MetricError("share_baseline: the baseline's cells do not match the main ones")
-        main = self._main.full_cells()
         for key, cell in cells.items():  # L1 side: pair i is in the same cell in both
             cell.update({k: main[key][k] for k in _X_SIDE if k in main[key]})
         for src, dst in moved.items():
             cells[dst].update({k: main[src][k] for k in _Y_SIDE if k in main[src]})
         pooled = None
-        if self._need_retrieval:
-            p1, p2 = self._main.pooled_arrays()
+        if main_pooled is not None:
+            p1, p2 = main_pooled
             pooled = (p1, np.roll(p2, -1, axis=1))
         return cells, pooled
 
@@ -770,10 +765,11 @@ class SimilarityAccumulator:
         if n_boot < 1:
             raise MetricError(f"n_boot must be >= 1, got {n_boot}")
         rng = np.random.default_rng(seed)
-        pooled = self._main.pooled_arrays() if self._need_retrieval else None
-        data = self._stream_result(self._main, self._main.full_cells(), pooled, ci, n_boot, rng)
+        main_pooled = self._main.pooled_arrays() if self._need_retrieval else None
+        main_cells = self._main.full_cells()
+        data = self._stream_result(self._main, main_cells, main_pooled, ci, n_boot, rng)
         if self._base.cells:
-            cells, pooled = self._baseline_parts()
+            cells, pooled = self._baseline_parts(main_cells, main_pooled)
             for k, v in self._stream_result(self._base, cells, pooled, ci, n_boot, rng).items():
                 base, suffix = (k[:-3], k[-3:]) if k.endswith(("_lo", "_hi")) else (k, "")
                 data[f"{base}_baseline{suffix}"] = v
