@@ -76,6 +76,7 @@ class NeuronAccumulator:
         layers = list(acts) if not isinstance(acts, torch.Tensor) else list(acts.unbind(0))
         if len(layers) != self.n_layers:
             raise MetricError(f"acts has {len(layers)} layers, accumulator has {self.n_layers}")
+        pads = mask is not None and not bool(mask.all())  # none: no gathered copy of the batch
         for lay, a in enumerate(layers):
             if a.dim() != 3 or a.shape[-1] != self.d_mlp:
                 raise MetricError(
@@ -86,10 +87,10 @@ class NeuronAccumulator:
                 raise MetricError(
                     f"mask shape {tuple(mask.shape)} does not match acts {tuple(a.shape[:2])}"
                 )
-            if mask is None or bool(mask.all()):  # no pads: no gathered copy of the batch
-                flat = a.reshape(-1, self.d_mlp)
-            else:
+            if pads:
                 flat = a[mask.to(device=a.device, dtype=torch.bool)]
+            else:
+                flat = a.reshape(-1, self.d_mlp)
             flat = flat.detach()
             self.counts[lay, li] += (flat > self.threshold).sum(0).to("cpu", torch.int64)
             self.act_sum[lay, li] += flat.sum(0, dtype=torch.float64).to("cpu")
