@@ -25,7 +25,7 @@ from probekit import store
 from probekit.checkpoints import CheckpointInfo, load_checkpoint, select_checkpoints
 from probekit.errors import MetricError, ProbekitError, RunDirError
 from probekit.heap import release_heap, steady_heap
-from probekit.hooks import Activations, load_bridge, pad_batch, run_activations
+from probekit.hooks import Activations, bridge_for, pad_batch, release_bridge, run_activations
 from probekit.metrics import FAMILIES, CheckpointContext, Family, PairBatch
 from probekit.model_view import ModelView
 from probekit.options import AnalysisOptions
@@ -93,10 +93,13 @@ def run(
     elif jobs:
         from tqdm.auto import tqdm
 
-        for info, names in tqdm(
-            jobs, desc=f"{label} {series.name}", unit="ckpt", disable=not progress
-        ):
-            save(info, compute_checkpoint(path, info.step, names, opts))
+        try:
+            for info, names in tqdm(
+                jobs, desc=f"{label} {series.name}", unit="ckpt", disable=not progress
+            ):
+                save(info, compute_checkpoint(path, info.step, names, opts))
+        finally:
+            release_bridge()  # the model weights kept for the next checkpoint
     elif progress:
         print(f"{path}: every selected checkpoint already stored (use --recompute to redo)")
     return store.open_cube(path)
@@ -186,12 +189,13 @@ def _rows(parts: list[tuple[Activations, int]]) -> Activations:
 def _activation_runner(
     ctx: CheckpointContext, resid: bool, mlp: bool
 ) -> Callable[[list], Activations]:
-    """seqs -> Activations of one padded batch, through one TransformerBridge per checkpoint.
+    """seqs -> Activations of one padded batch, through the checkpoint's TransformerBridge
+    (booted, or the previous checkpoint's refreshed with these weights: ``bridge_for``).
 
     Plain forward hooks on a GPT-2 were tried (1.2x faster) but differ from the bridge's
     fused-QKV split by float32 rounding, which flips neurons at the firing threshold: the
     bridge stays the one way activations are read, on every architecture."""
-    bridge = load_bridge(ctx.model, ctx.series.tokenizer, ctx.view, device=ctx.options.device)
+    bridge = bridge_for(ctx.model, ctx.series.tokenizer, ctx.view, device=ctx.options.device)
     return lambda seqs: run_activations(bridge, *pad_batch(seqs), ctx.view, resid, mlp)
 
 

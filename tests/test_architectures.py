@@ -186,11 +186,44 @@ def test_bridge_activations_equal_hf_hidden_states(arch: str, tmp_path: Path):
     with torch.no_grad():  # the stop is gone afterwards: a plain call runs to the logits
         torch.testing.assert_close(bridge(ids), logits, atol=1e-5, rtol=1e-5)
     assert acts.resid.shape == (view.n_layers + 1, 2, 10, view.d_model)
-    assert acts.mlp.shape == (view.n_layers, 2, 10, view.d_mlp)
+    assert [a.shape for a in acts.mlp] == [(2, 10, view.d_mlp)] * view.n_layers
     # HF's last hidden state has the final norm applied; the residual stream is its input
     for lay in range(view.n_layers):
         torch.testing.assert_close(acts.resid[lay], hs[lay], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(acts.resid[-1], seen["final"], atol=1e-5, rtol=1e-5)
+
+
+# whose bridge computes only with the wrapped model's own tensors (no weight copied at boot)
+REUSABLE = {"gpt2", "llama", "qwen2", "olmo", "olmo2"}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_bridge_reused_for_the_next_checkpoint_is_exact(arch: str, monkeypatch):
+    """bridge_for on checkpoint B after A: the same activations, bit for bit, as a bridge
+    booted on B; re-used only where every tensor it reads is the model's own."""
+    from probekit import hooks
+
+    hooks.release_bridge()
+    a = tiny_model(arch, seed=0)
+    view = ModelView.from_config(a.config)
+    first = hooks.bridge_for(a, tokenizer(), view)
+    second = hooks.bridge_for(tiny_model(arch, seed=1), tokenizer(), view)
+    assert (first is second) == (arch in REUSABLE)
+    ids, mask = pad_batch([np.arange(3, 15), np.arange(20, 29)])
+    got = run_activations(second, ids, mask, view, True, True)
+    want = run_activations(
+        load_bridge(tiny_model(arch, seed=1), tokenizer(), view), ids, mask, view, True, True
+    )
+    assert torch.equal(got.resid, want.resid)
+    assert all(map(torch.equal, got.mlp, want.mlp))
+    # another configuration, or a model over the size limit: booted afresh
+    other = tiny_model(arch, seed=2, vocab_size=len(tokenizer()) + 8)
+    assert hooks.bridge_for(other, tokenizer(), ModelView.from_config(other.config)) is not second
+    monkeypatch.setattr(hooks, "REUSE_MAX_BYTES", 0)
+    hooks.release_bridge()
+    third = hooks.bridge_for(tiny_model(arch, seed=0), tokenizer(), view)
+    assert hooks.bridge_for(tiny_model(arch, seed=1), tokenizer(), view) is not third
+    hooks.release_bridge()
 
 
 def test_bridge_boots_a_model_built_in_memory():
