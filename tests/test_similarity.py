@@ -223,16 +223,20 @@ def test_bad_input():
 
 
 def _feed_engine_order(
-    acc: SimilarityAccumulator, h1: torch.Tensor, h2: torch.Tensor, bs: int
+    acc: SimilarityAccumulator, h1: torch.Tensor, h2: torch.Tensor, bs: int, together=False
 ) -> None:
     """The engine's order: batch k's main pairs, then its baseline (L1 of pair i with L2 of
-    pair i + 1 mod n)."""
+    pair i + 1 mod n); ``together``: both in one update_with_baseline call, as the engine."""
     n = h1.shape[1]
     mask = torch.ones(h1.shape[1:3], dtype=torch.bool)
     for s in range(0, n, bs):
         idx = torch.arange(s, min(s + bs, n))
-        acc.update(h1[:, idx], mask[idx], h2[:, idx], mask[idx], idx)
-        acc.update_baseline(h1[:, idx], mask[idx], h2[:, (idx + 1) % n], mask[idx], idx)
+        a, b, other = h1[:, idx], h2[:, idx], h2[:, (idx + 1) % n]
+        if together:
+            acc.update_with_baseline(a, mask[idx], b, mask[idx], other, mask[idx], idx)
+        else:
+            acc.update(a, mask[idx], b, mask[idx], idx)
+            acc.update_baseline(a, mask[idx], other, mask[idx], idx)
 
 
 @pytest.mark.parametrize("n_groups, n", [(None, 24), (4, 24), (3, 24)])
@@ -243,13 +247,14 @@ def test_shared_baseline_equals_computed_baseline(n_groups, n):
     h1 = torch.randn(3, n, 7, 6, generator=g) + 2.0
     h2 = 0.5 * h1 + torch.randn(3, n, 7, 6, generator=g)
     out = []
-    for share in (False, True):
+    for share, together in ((False, False), (True, False), (True, True), (False, True)):
         acc = SimilarityAccumulator(3, 6, n_groups=n_groups, share_baseline=share)
-        _feed_engine_order(acc, h1, h2, bs=5)
+        _feed_engine_order(acc, h1, h2, bs=5, together=together)
         out.append(acc.result(ci=0.9 if n_groups else None, n_boot=50))
     assert any(k.endswith("_baseline") for k in out[0].data_vars)
-    for k in out[0].data_vars:
-        np.testing.assert_allclose(out[1][k].values, out[0][k].values, rtol=1e-10, atol=1e-12)
+    for other in out[1:]:
+        for k in out[0].data_vars:
+            np.testing.assert_allclose(other[k].values, out[0][k].values, rtol=1e-10, atol=1e-12)
 
 
 def test_shared_baseline_bad_input():

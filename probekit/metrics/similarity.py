@@ -305,16 +305,26 @@ _X_SIDE = ("an1", "ax", "sx", "nx2", "xx", "x_nx2", "nx4")
 _Y_SIDE = ("an2", "ay", "sy", "ny2", "yy", "y_ny2", "ny4")
 
 
+def _real_sum(h: torch.Tensor, mask: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
+    """h [L, B, T, d] summed over ``dims`` at real tokens (mask [B, T]), in float64 but with no
+    float64 copy of the batch."""
+    return (h if bool(mask.all()) else h * mask[None, :, :, None]).sum(dims, dtype=torch.float64)
+
+
 def _add_gram(acc: torch.Tensor, x: torch.Tensor) -> None:
     """acc[l] += the upper triangle of x[l]' x[l], for float64 x [L, N, d] on the CPU.
 
     BLAS syrk does half a GEMM's work for a symmetric product (measured 1.8x faster than the
     float64 matmul at d = 128 and 256); the lower triangle stays zero until ``full_cells``
     mirrors the summed upper one."""
-    xs = x.contiguous().numpy()
+    xs, sums = x.contiguous().numpy(), acc.numpy()
     for layer in range(xs.shape[0]):
-        # xs[layer].T is the Fortran-ordered d x N matrix A: syrk forms A A' without a copy
-        acc[layer] += torch.from_numpy(dsyrk(1.0, xs[layer].T))
+        # xs[layer].T is the Fortran-ordered d x N matrix A, sums[layer].T a Fortran-ordered
+        # view whose lower triangle is acc's upper one: syrk adds A A' there, with no copy
+        c = sums[layer].T
+        out = dsyrk(1.0, xs[layer].T, beta=1.0, c=c, lower=1, overwrite_c=1)
+        if not np.shares_memory(out, c):  # a BLAS wrapper that copied c
+            c[...] = np.tril(out) + np.triu(c, 1)
 
 
 class _Stream:
@@ -352,7 +362,11 @@ class _Stream:
                 c[k] = z(L)
         return c
 
-    def update(self, h1, mask1, h2, mask2, pair_index) -> None:  # noqa: ANN001 - validated
+    def update(self, h1, mask1, h2, mask2, pair_index, l1_rows=None) -> dict:  # noqa: ANN001
+        """Add a batch; returns {cell: (L1 rows, their squared norms)} as float64, shifted.
+
+        ``l1_rows``: that dict from the main stream's update of the same L1 batch, for a shared
+        baseline (same cells, same shift): its L1 rows are then not gathered again."""
         o = self.o
         h1, mask1, h2, mask2, idx = o._validate(h1, mask1, h2, mask2, pair_index)
         dup = self.seen.intersection(idx.tolist())
@@ -387,9 +401,8 @@ class _Stream:
         if o._need_retrieval and self.one_language:
 
             def pool(h: torch.Tensor, m: torch.Tensor) -> np.ndarray:  # [B, L, d] float64
-                # masked float32 values summed in float64: no float64 copy of the batch
-                s = (h * m[None, :, :, None]).sum(2, dtype=torch.float64)
-                return (s / m.sum(1).to(torch.float64)[None, :, None]).permute(1, 0, 2).numpy()
+                s = _real_sum(h, m, 2) / m.sum(1).to(torch.float64)[None, :, None]
+                return s.permute(1, 0, 2).numpy()
 
             self.pooled.append((idx.copy(), pool(h1, mask1), pool(h2, mask2)))
 
@@ -400,8 +413,8 @@ class _Stream:
         if self.shift is None:
             # fixed shift (mean of the first batch): exact invariance, less cancellation
             self.shift = (
-                h1.to(torch.float64)[:, mask1].mean(1),
-                h2.to(torch.float64)[:, mask2].mean(1),
+                _real_sum(h1, mask1, (1, 2)) / mask1.sum(),
+                _real_sum(h2, mask2, (1, 2)) / mask2.sum(),
             )
         c1, c2 = self.shift
         keys = [o.cell_key(i) for i in idx.tolist()]
@@ -410,6 +423,7 @@ class _Stream:
         flat1, flat2 = h1.reshape(o.n_layers, -1, o.d_model), h2.reshape(o.n_layers, -1, o.d_model)
         real1 = [torch.nonzero(mask1[b]).squeeze(1) for b in range(B)]
         real2 = [torch.nonzero(mask2[b]).squeeze(1) for b in range(B)]
+        out = {}
         for key in sorted(set(keys)):
             sel = [b for b in range(B) if keys[b] == key]
             cell = self.cells.get(key)
@@ -423,10 +437,13 @@ class _Stream:
             r2 = torch.cat([b * T2 + cols[b] for b in sel])
             m1 = torch.cat([b * T1 + real1[b] for b in sel])
             m2 = torch.cat([b * T2 + real2[b] for b in sel])
-            self._accumulate(cell, (flat1, r1, m1, c1), (flat2, r2, m2, c2))
+            known = l1_rows.get(key) if l1_rows is not None else None
+            out[key] = self._accumulate(cell, (flat1, r1, m1, c1), (flat2, r2, m2, c2), known)
+        return out
 
-    def _accumulate(self, cell, side1, side2) -> None:  # noqa: ANN001
-        """Add one cell's tokens: side = (states [L, B*T, d], paired rows, real rows, shift)."""
+    def _accumulate(self, cell, side1, side2, known=None) -> tuple:  # noqa: ANN001
+        """Add one cell's tokens: side = (states [L, B*T, d], paired rows, real rows, shift);
+        ``known`` = (x, |x|^2) of side 1's paired rows if already gathered. Returns those."""
         o = self.o
 
         def rows(flat, idx, shift):  # noqa: ANN001, ANN202 - float64, shifted
@@ -434,13 +451,15 @@ class _Stream:
             return x.sub_(shift[:, None])  # in place: one float64 copy of the rows, not two
 
         (f1, r1, m1, c1), (f2, r2, m2, c2) = side1, side2
-        x, y = rows(f1, r1, c1), rows(f2, r2, c2)
+        x, nx2 = known if known is not None else (rows(f1, r1, c1), None)
+        y = rows(f2, r2, c2)
         norms = None
         if self.one_language or o._need_cka:
-            norms = (x * x).sum(-1), (y * y).sum(-1)  # [L, N] each
+            nx2 = (x * x).sum(-1) if nx2 is None else nx2
+            norms = nx2, (y * y).sum(-1)  # [L, N] each
         self._accumulate_cross(cell, x, y, norms)
         if not self.one_language:
-            return
+            return x, nx2
         nx2, ny2 = norms
         # every real token is paired (clones; the shorter side of a matching): same rows
         a1 = x if torch.equal(r1, m1) else rows(f1, m1, c1)
@@ -462,6 +481,7 @@ class _Stream:
                 cell["y_ny2"] += torch.bmm(ny2[:, None], y)[:, 0]
                 cell["nx4"] += (nx2 * nx2).sum(1)
                 cell["ny4"] += (ny2 * ny2).sum(1)
+        return x, nx2
 
     def _accumulate_cross(self, cell, x, y, norms) -> None:  # noqa: ANN001
         """The sums that pair the two sides (all a shared baseline keeps of its own);
@@ -470,7 +490,8 @@ class _Stream:
         if "xy" not in cell:
             cell["dot"] += (x * y).sum((1, 2))
             return
-        xy = x.transpose(1, 2) @ y
+        # numpy's float64 GEMM: 1.3x torch's bmm at these shapes ([L, d, N] x [L, N, d])
+        xy = torch.from_numpy(x.numpy().transpose(0, 2, 1) @ y.numpy())
         cell["xy"] += xy
         cell["dot"] += xy.diagonal(dim1=1, dim2=2).sum(1)  # sum_t x_t . y_t = trace(X'Y)
         if self.o._need_cka:
@@ -659,6 +680,22 @@ class SimilarityAccumulator:
     ) -> None:
         """Add a batch of mismatched pairs (L2 side = a different text); same code path."""
         self._base.update(h1, mask1, h2, mask2, pair_index)
+
+    def update_with_baseline(
+        self,
+        h1: torch.Tensor,
+        mask1: torch.Tensor,
+        h2: torch.Tensor,
+        mask2: torch.Tensor,
+        h2_other: torch.Tensor,
+        mask2_other: torch.Tensor,
+        pair_index: torch.Tensor,
+    ) -> None:
+        """``update(h1, mask1, h2, mask2)`` then ``update_baseline(h1, mask1, h2_other,
+        mask2_other)``; with ``share_baseline`` the L1 rows are gathered once for both."""
+        rows = self._main.update(h1, mask1, h2, mask2, pair_index)
+        shared = rows if self.share_baseline else None
+        self._base.update(h1, mask1, h2_other, mask2_other, pair_index, shared)
 
     @property
     def nbytes(self) -> int:
@@ -862,10 +899,16 @@ class _SimilarityRun:
         self.ci, self.n_boot = opts.ci, opts.n_boot
 
     def update(self, batch: PairBatch) -> None:
-        idx = torch.as_tensor(batch.index)
-        self.acc.update(batch.l1.resid, batch.l1.mask, batch.l2.resid, batch.l2.mask, idx)
-        other = batch.l2_other
-        self.acc.update_baseline(batch.l1.resid, batch.l1.mask, other.resid, other.mask, idx)
+        l1, l2, other = batch.l1, batch.l2, batch.l2_other
+        self.acc.update_with_baseline(
+            l1.resid,
+            l1.mask,
+            l2.resid,
+            l2.mask,
+            other.resid,
+            other.mask,
+            torch.as_tensor(batch.index),
+        )
 
     def result(self) -> xr.Dataset:
         return self.acc.result(ci=self.ci, n_boot=self.n_boot, seed=0)
