@@ -21,6 +21,7 @@ from functools import lru_cache
 
 import numpy as np
 import xarray as xr
+from sklearn import config_context
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
@@ -184,12 +185,17 @@ def probe_transfer(
                 StandardScaler(),
                 LogisticRegression(C=C, max_iter=max_iter, random_state=seed),
             )
-            with warnings.catch_warnings():
+            # the features were checked finite above and the parameters are ours: sklearn's
+            # own checks, repeated at every call, are skipped (same fits, a tenth less time)
+            with (
+                warnings.catch_warnings(),
+                config_context(assume_finite=True, skip_parameter_validation=True),
+            ):
                 # an unconverged probe is still a valid (slightly weaker) probe
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf.fit(src_f[layer][tr], src_y[tr])
-            in_lang[layer, j] = clf.score(src_f[layer][te], src_y[te])
-            transfer[layer, j] = clf.score(tgt_f[layer][tgt_te], tgt_y[tgt_te])
+                in_lang[layer, j] = clf.score(src_f[layer][te], src_y[te])
+                transfer[layer, j] = clf.score(tgt_f[layer][tgt_te], tgt_y[tgt_te])
     coords = {"layer": np.arange(n_layers), "direction": list(data)}
     params = {
         "seed": seed,
