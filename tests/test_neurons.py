@@ -207,3 +207,16 @@ def test_fired_counts_equal_the_comparison(threshold):
             batch[11, 4] = extra
         want = (batch > threshold).sum(0)
         assert torch.equal(_fired(batch, threshold).to(torch.int64), want)
+
+
+def test_column_sums_are_float64_sums():
+    from probekit.metrics.neurons import _column_sums
+
+    g = torch.Generator().manual_seed(1)
+    flat = 1e3 * torch.randn(4096, 9, generator=g) + 1e-3 * torch.randn(4096, 9, generator=g)
+    want = flat.double().sum(0)
+    for x in (flat, flat[::2], flat.t().contiguous().t(), flat.double()):
+        got = _column_sums(x)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, x.double().sum(0), rtol=1e-13, atol=1e-9)
+    assert not torch.equal(flat.sum(0).double(), want)  # float32 sums would not do
