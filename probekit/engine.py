@@ -22,7 +22,7 @@ import torch
 import xarray as xr
 
 from probekit import store
-from probekit.checkpoints import CheckpointInfo, load_checkpoint, select_checkpoints
+from probekit.checkpoints import CheckpointInfo, load_checkpoint, release_kept, select_checkpoints
 from probekit.errors import MetricError, ProbekitError, RunDirError
 from probekit.heap import release_heap, steady_heap
 from probekit.hooks import Activations, bridge_for, pad_batch, release_bridge, run_activations
@@ -99,7 +99,8 @@ def run(
             ):
                 save(info, compute_checkpoint(path, info.step, names, opts))
         finally:
-            release_bridge()  # the model weights kept for the next checkpoint
+            release_kept()  # the models kept for the next checkpoint
+            release_bridge()
     elif progress:
         print(f"{path}: every selected checkpoint already stored (use --recompute to redo)")
     return store.open_cube(path)
@@ -118,7 +119,7 @@ def compute_checkpoint(
     # what lives now (the series, imported modules) outlives this checkpoint: the collection
     # below then scans only what this checkpoint created (a full one took ~0.5 s per step)
     gc.freeze()
-    model = load_checkpoint(info, device=options.device)
+    model = load_checkpoint(info, device=options.device, reuse=True)
     series.check_model(model, info)
     final = step == series.checkpoints()[-1].step
     ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options, final)

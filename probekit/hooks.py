@@ -7,6 +7,7 @@ before the final LayerNorm, as in the paper. Only the hooks asked for are cached
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,13 +94,14 @@ _booted: _Booted | None = None
 
 
 def bridge_for(model: torch.nn.Module, tokenizer, view: ModelView, device: str = "cpu"):
-    """``load_bridge(model, ...)``, or the bridge this process booted for an earlier checkpoint
-    of the same architecture with ``model``'s weights copied into it.
+    """A TransformerBridge with ``model``'s weights: the bridge this process booted for an
+    earlier checkpoint of the same architecture with the weights copied into it, or a new one.
 
     Re-use is exact only where every tensor the bridge computes with is one of the wrapped
     model's own (GPT-2's split q/k/v are views of its fused weight; GPT-NeoX's and BLOOM's are
     copies): that is checked once at boot, and a model whose bridge holds a copy of a weight
-    is booted afresh at every checkpoint, as is one over ``REUSE_MAX_BYTES``."""
+    is booted afresh at every checkpoint. Up to ``REUSE_MAX_BYTES`` the bridge wraps a copy of
+    ``model``; a bigger model is wrapped in place (``load_bridge``) and never kept."""
     global _booted
     key = _bridge_key(model, tokenizer, device)
     booted = _booted
@@ -115,12 +117,17 @@ def bridge_for(model: torch.nn.Module, tokenizer, view: ModelView, device: str =
                     t.copy_(state[k])
             return booted.bridge
     _booted = None  # the old bridge's model is freed before a new one boots
+    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if size > REUSE_MAX_BYTES:
+        return load_bridge(model, tokenizer, view, device=device)  # rewraps `model` in place
+    # a small model's bridge wraps a copy: the caller's model stays a plain HF model (the
+    # loader may hand it out again for the next checkpoint)
+    model = copy.deepcopy(model)
     tensors = model.state_dict(keep_vars=True)
     own = {t.untyped_storage().data_ptr() for t in tensors.values()}
     own |= {b.untyped_storage().data_ptr() for b in model.buffers()}  # e.g. rotary inv_freq
-    size = sum(t.numel() * t.element_size() for t in tensors.values())
     bridge = load_bridge(model, tokenizer, view, device=device)
-    if size <= REUSE_MAX_BYTES and _only_own_tensors(bridge, own):
+    if _only_own_tensors(bridge, own):
         _booted = _Booted(key, bridge, tensors)
     return bridge
 

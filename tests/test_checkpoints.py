@@ -83,3 +83,72 @@ def test_train_log_round_trip_and_torn_line(tmp_path):
         fh.write('{"step": 3, "lo')  # torn by a kill
     assert [r["step"] for r in read_train_log(tmp_path)] == [1, 2]
     assert read_train_log(tmp_path / "missing") == []
+
+
+def _tied_gpt2(seed: int, vocab: int = 300):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=vocab, n_layer=2, n_embd=32, n_head=4, n_positions=64)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_reuse_reads_the_next_checkpoint_into_the_kept_model(model, tmp_path, tied):
+    """load_checkpoint(reuse=True): the same model object, its weights those of each
+    checkpoint bit for bit (a tied head stays tied); a new config, a model over the size
+    limit or an unreadable file builds afresh, and a broken file still fails in one line."""
+    from probekit import checkpoints
+
+    models = [
+        _tied_gpt2(s) if tied else build_model({"preset": "nano"}, 300, seed=s) for s in (0, 1)
+    ]
+    for step, m in enumerate(models):
+        save_checkpoint(m, tmp_path, step, {})
+    infos = list_checkpoints(tmp_path)
+    checkpoints.release_kept()
+    first = load_checkpoint(infos[0], reuse=True)
+    second = load_checkpoint(infos[1], reuse=True)
+    assert second is first and not second.training
+    assert second.config.name_or_path == str(infos[1].path)
+    fresh = load_checkpoint(infos[1])
+    for (k, a), (k2, b) in zip(
+        second.state_dict().items(), fresh.state_dict().items(), strict=True
+    ):
+        assert k == k2 and torch.equal(a, b), k
+    head, emb = second.get_output_embeddings().weight, second.get_input_embeddings().weight
+    assert (head is emb) == tied
+    # back to the first checkpoint: its weights again
+    again = load_checkpoint(infos[0], reuse=True)
+    assert again is first
+    for a, b in zip(again.state_dict().values(), models[0].state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    # another configuration: built afresh (and kept in its turn)
+    other = tmp_path / "other"
+    save_checkpoint(
+        _tied_gpt2(2, vocab=301) if tied else build_model({"preset": "nano"}, 301, seed=2),
+        other,
+        5,
+        {},
+    )
+    assert load_checkpoint(list_checkpoints(other)[0], reuse=True) is not first
+    # a corrupt file: the one-line error, and nothing half-read is kept
+    (infos[1].path / "model.safetensors").write_bytes(b"not safetensors")
+    load_checkpoint(infos[0], reuse=True)
+    with pytest.raises(RunDirError, match="cannot load checkpoint"):
+        load_checkpoint(infos[1], reuse=True)
+    assert checkpoints._kept is None
+    checkpoints.release_kept()
+
+
+def test_reuse_keeps_no_model_over_the_limit(model, tmp_path, monkeypatch):
+    from probekit import checkpoints
+
+    for step in (0, 1):
+        save_checkpoint(model, tmp_path, step, {})
+    infos = list_checkpoints(tmp_path)
+    monkeypatch.setattr(checkpoints, "KEEP_MAX_BYTES", 0)
+    checkpoints.release_kept()
+    first = load_checkpoint(infos[0], reuse=True)
+    assert checkpoints._kept is None
+    assert load_checkpoint(infos[1], reuse=True) is not first
