@@ -71,7 +71,8 @@ def test_parity_with_reference(method):
 def test_trained_checkpoints_match_the_oracle_closely(tiny_run, method):
     """On trained checkpoints a tensor's per-token gradients cancel; a dot product summed by
     one float32 running sum (a batched GEMV over in x out terms) then lost up to 2e-5 of a
-    cosine. Both inner-product methods must stay within the float32 forward's own noise."""
+    cosine. Both inner-product methods must stay within the float32 forward's own noise: the
+    explicit one is measured within 2.3e-8 of the oracle, the ghost Grams within 6.6e-7."""
     from probekit.checkpoints import load_checkpoint
     from probekit.hooks import pad_batch
     from probekit.options import AnalysisOptions
@@ -85,7 +86,8 @@ def test_trained_checkpoints_match_the_oracle_closely(tiny_run, method):
         model = load_checkpoint(info)
         ref = gradient_alignment_reference(model, ids1, m1, ids2, m2)
         fast = gradient_alignment(model, ids1, m1, ids2, m2, method=method)
-        np.testing.assert_allclose(fast.values, ref.values, atol=3e-6, equal_nan=True)
+        atol = 2e-7 if method == "explicit" else 3e-6
+        np.testing.assert_allclose(fast.values, ref.values, atol=atol, equal_nan=True)
 
 
 def test_clone_model_gives_one():
