@@ -8,11 +8,14 @@ batch 16, 16 gradient pairs). Side by side in one process, interleaved, best of 
 
 * ``bare fwd``: the plain Hugging Face forward (LM head included) of the same L1 and L2
   batches align feeds its activation families, under no_grad;
-* ``bare f+b``: bare fwd plus one forward+backward per language of the gradient pairs as one
-  batch (the least any per-pair gradient method needs);
+* ``bare grad f+b``: one forward+backward per language of the gradient pairs as one batch
+  (the least any per-pair gradient method needs); align (all) is divided by the sum of both;
 * every align family alone and all together (``engine.compute_checkpoint``: checkpoint load,
   forwards, accumulators, results), divided by bare fwd (activation families) or bare f+b
-  (gradients, all);
+  (gradients, all). These are a series' steady state: the model and the bridge kept from the
+  previous checkpoint are refreshed, not rebuilt (``load_checkpoint(reuse=True)``,
+  ``hooks.bridge_for``); ``align (all), cold`` drops both first, as for the first checkpoint
+  a process analyses;
 * eval (perplexity, 8192 test tokens per language at the default stride) divided by the bare
   forward of exactly the windows it scores.
 
@@ -64,8 +67,8 @@ def best(fn, repeat: int) -> float:  # noqa: ANN001
 
 def bench_preset(preset: str, repeat: int, max_tokens: int, device: str = "cpu") -> None:
     from probekit import engine
-    from probekit.checkpoints import load_checkpoint
-    from probekit.hooks import pad_batch
+    from probekit.checkpoints import load_checkpoint, release_kept
+    from probekit.hooks import pad_batch, release_bridge
     from probekit.metrics import families_for
     from probekit.metrics.perplexity import _plan_windows
     from probekit.options import AnalysisOptions
@@ -125,6 +128,13 @@ def bench_preset(preset: str, repeat: int, max_tokens: int, device: str = "cpu")
     for f in fams:
         cases[f] = lambda f=f: engine.compute_checkpoint(run, info.step, [f], opts)
     cases["align (all)"] = lambda: engine.compute_checkpoint(run, info.step, fams, opts)
+
+    def cold() -> None:  # a process's first checkpoint: nothing kept from an earlier one
+        release_kept()
+        release_bridge()
+        engine.compute_checkpoint(run, info.step, fams, opts)
+
+    cases["align (all), cold"] = cold
     cases["eval"] = lambda: engine.compute_checkpoint(run, info.step, ["perplexity"], opts)
     for fn in cases.values():  # warm-up (series caches, first-call costs)
         fn()
@@ -141,7 +151,7 @@ def bench_preset(preset: str, repeat: int, max_tokens: int, device: str = "cpu")
             den, name = fwd, "bare fwd"
         elif k in ("bare grad f+b", "gradients"):
             den, name = grad, "bare grad f+b"
-        elif k == "align (all)":
+        elif k.startswith("align (all)"):
             den, name = fwd + grad, "bare fwd + grad f+b"
         elif k in ("eval", "bare eval windows"):
             den, name = res["bare eval windows"], "bare eval windows"
