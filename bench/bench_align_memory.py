@@ -77,8 +77,14 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--run", type=Path, default=RUN)
+    ap.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    ensure_run(args.run)
+    if args.train_only:
+        ensure_run(args.run)
+        return
+    # trained in a child: a child inherits its parent's peak RSS (ru_maxrss), so training here
+    # would stand in every measurement below as "RSS before align"
+    subprocess.run([sys.executable, __file__, "--train-only", "--run", str(args.run)], check=True)
     from probekit.options import AnalysisOptions
     from probekit.series import open_series
 
