@@ -214,7 +214,8 @@ def select_checkpoints(
 # to this many bytes is kept, and the next checkpoint with the same config.json and a single
 # model.safetensors is read into it (~4 ms for a tiny model, against ~33 ms to build one
 # through from_pretrained). Bigger models are built afresh: their build is a small part of
-# their analysis, and keeping one would double the memory held.
+# their analysis, and keeping one would double the memory held. The analysis side's bridge
+# (hooks.bridge_for) keeps by the same limit, so that a kept model is never rewrapped.
 KEEP_MAX_BYTES = 128 * 2**20
 WEIGHTS_FILE = "model.safetensors"
 
@@ -267,11 +268,16 @@ def load_checkpoint(
         ) from None
     model = model.to(device).eval()
     if reuse:
-        size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         config = path / "config.json"
-        ok = size <= KEEP_MAX_BYTES and config.is_file() and (path / WEIGHTS_FILE).is_file()
+        ok = small_enough_to_keep(model) and config.is_file() and (path / WEIGHTS_FILE).is_file()
         _kept = _Kept(config.read_text(), str(device), model) if ok else None
     return model
+
+
+def small_enough_to_keep(model: Any, state: dict | None = None) -> bool:
+    """Whether `model` (its ``state_dict()``, if already at hand) is within KEEP_MAX_BYTES."""
+    state = model.state_dict() if state is None else state
+    return sum(t.numel() * t.element_size() for t in state.values()) <= KEEP_MAX_BYTES
 
 
 def release_kept() -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from probekit import checkpoints
 from probekit.model_view import ModelView
 
 
@@ -78,8 +79,7 @@ def load_bridge(
 
 # A checkpoint's bridge is re-used for the next checkpoint of the same architecture when that is
 # exact: booting costs ~0.1 s (a tenth of a tiny checkpoint's align) whatever the model's size,
-# so only models of up to this many bytes are kept between checkpoints (memory: one copy).
-REUSE_MAX_BYTES = 128 * 2**20
+# so only models the loader keeps too (checkpoints.KEEP_MAX_BYTES) are kept (memory: one copy).
 _UNEMBED_BIAS = "unembed._original_component.bias"  # zeros the bridge adds to a bias-free head
 
 
@@ -100,13 +100,14 @@ def bridge_for(model: torch.nn.Module, tokenizer, view: ModelView, device: str =
     Re-use is exact only where every tensor the bridge computes with is one of the wrapped
     model's own (GPT-2's split q/k/v are views of its fused weight; GPT-NeoX's and BLOOM's are
     copies): that is checked once at boot, and a model whose bridge holds a copy of a weight
-    is booted afresh at every checkpoint. Up to ``REUSE_MAX_BYTES`` the bridge wraps a copy of
-    ``model``; a bigger model is wrapped in place (``load_bridge``) and never kept."""
+    is booted afresh at every checkpoint. A model the loader would keep
+    (``checkpoints.small_enough_to_keep``) gets a bridge over a copy of it; a bigger one is
+    wrapped in place (``load_bridge``) and never kept."""
     global _booted
     key = _bridge_key(model, tokenizer, device)
+    state = model.state_dict()
     booted = _booted
     if booted is not None and booted.key == key:
-        state = model.state_dict()
         same = state.keys() == booted.tensors.keys() and all(
             state[k].shape == t.shape and state[k].dtype == t.dtype
             for k, t in booted.tensors.items()
@@ -117,8 +118,7 @@ def bridge_for(model: torch.nn.Module, tokenizer, view: ModelView, device: str =
                     t.copy_(state[k])
             return booted.bridge
     _booted = None  # the old bridge's model is freed before a new one boots
-    size = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-    if size > REUSE_MAX_BYTES:
+    if not checkpoints.small_enough_to_keep(model, state):
         return load_bridge(model, tokenizer, view, device=device)  # rewraps `model` in place
     # a small model's bridge wraps a copy: the caller's model stays a plain HF model (the
     # loader may hand it out again for the next checkpoint)

@@ -201,7 +201,7 @@ REUSABLE = {"gpt2", "llama", "qwen2", "olmo", "olmo2"}
 def test_a_bridge_reused_for_the_next_checkpoint_is_exact(arch: str, monkeypatch):
     """bridge_for on checkpoint B after A: the same activations, bit for bit, as a bridge
     booted on B; re-used only where every tensor it reads is the model's own."""
-    from probekit import hooks
+    from probekit import checkpoints, hooks
 
     hooks.release_bridge()
     a = tiny_model(arch, seed=0)
@@ -219,7 +219,7 @@ def test_a_bridge_reused_for_the_next_checkpoint_is_exact(arch: str, monkeypatch
     # another configuration, or a model over the size limit: booted afresh
     other = tiny_model(arch, seed=2, vocab_size=len(tokenizer()) + 8)
     assert hooks.bridge_for(other, tokenizer(), ModelView.from_config(other.config)) is not second
-    monkeypatch.setattr(hooks, "REUSE_MAX_BYTES", 0)
+    monkeypatch.setattr(checkpoints, "KEEP_MAX_BYTES", 0)
     hooks.release_bridge()
     third = hooks.bridge_for(tiny_model(arch, seed=0), tokenizer(), view)
     assert hooks.bridge_for(tiny_model(arch, seed=1), tokenizer(), view) is not third
