@@ -185,38 +185,3 @@ def test_bad_input():
         acc.result()  # no tokens for B
     with pytest.raises(MetricError):
         NeuronAccumulator(1, 4, ["A", "A"])
-
-
-@pytest.mark.parametrize("threshold", [0.0, 0.25, -0.1, 1e-40])
-def test_fired_counts_equal_the_comparison(threshold):
-    """The float32 sign-sum count equals (flat > t).sum(0) at the threshold itself, at -0.0,
-    at subnormal distances from it, and with a non-finite activation in the batch."""
-    from probekit.metrics.neurons import _fired
-
-    g = torch.Generator().manual_seed(0)
-    flat = torch.nn.functional.gelu(2 * torch.randn(300, 7, generator=g))
-    t32 = torch.tensor(threshold, dtype=torch.float32)
-    flat[:4, 0] = t32
-    flat[4:8, 1] = -0.0
-    flat[8, 2] = torch.nextafter(t32, torch.tensor(1.0))
-    flat[9, 2] = torch.nextafter(t32, torch.tensor(-1.0))
-    flat[10, 3] = 1e-45
-    for extra in (None, float("nan"), float("inf"), float("-inf")):
-        batch = flat.clone()
-        if extra is not None:
-            batch[11, 4] = extra
-        want = (batch > threshold).sum(0)
-        assert torch.equal(_fired(batch, threshold).to(torch.int64), want)
-
-
-def test_column_sums_are_float64_sums():
-    from probekit.metrics.neurons import _column_sums
-
-    g = torch.Generator().manual_seed(1)
-    flat = 1e3 * torch.randn(4096, 9, generator=g) + 1e-3 * torch.randn(4096, 9, generator=g)
-    want = flat.double().sum(0)
-    for x in (flat, flat[::2], flat.t().contiguous().t(), flat.double()):
-        got = _column_sums(x)
-        assert got.dtype == torch.float64
-        torch.testing.assert_close(got, x.double().sum(0), rtol=1e-13, atol=1e-9)
-    assert not torch.equal(flat.sum(0).double(), want)  # float32 sums would not do

@@ -23,34 +23,10 @@ import torch
 import xarray as xr
 
 from probekit.errors import MetricError
+from probekit.kernels import column_sums, fired_counts
 from probekit.metrics.base import CheckpointContext, Family, Needs, PairBatch, Variable
 
 Selection = Literal["max_entropy", "top_rate", "top_rate_per_layer"]
-
-
-def _fired(flat: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Per column, how many of ``flat``'s rows exceed ``threshold``: (flat > t).sum(0).
-
-    For float32 on the CPU (what the bridge's activations arrive as) it is counted as the sum of
-    sign(max(flat, t) - t) in float32: exact (t < a implies a - t > 0 under gradual underflow;
-    a batch holds fewer than 2**24 rows) and twice as fast as reducing a bool tensor. Other
-    dtypes and devices, and a batch with a non-finite activation, take the comparison."""
-    if flat.dtype == torch.float32 and flat.device.type == "cpu" and flat.shape[0] < 2**24:
-        fired = flat.clamp(min=threshold)
-        if threshold:
-            fired.sub_(threshold)
-        counts = fired.sign_().sum(0)
-        if bool(torch.isfinite(counts).all()):
-            return counts
-    return (flat > threshold).sum(0)
-
-
-def _column_sums(flat: torch.Tensor) -> torch.Tensor:
-    """flat.sum(0) in float64 precision: numpy's float64 reduction of the float32 rows, half the
-    time of torch's, which first makes a float64 copy (the sums agree to 1e-15)."""
-    if flat.dtype == torch.float32 and flat.device.type == "cpu":
-        return torch.from_numpy(flat.numpy().sum(0, dtype=np.float64))
-    return flat.sum(0, dtype=torch.float64).cpu()
 
 
 class NeuronAccumulator:
@@ -117,8 +93,8 @@ class NeuronAccumulator:
             else:
                 flat = a.reshape(-1, self.d_mlp)
             flat = flat.detach()
-            self.counts[lay, li] += _fired(flat, self.threshold).to("cpu", torch.int64)
-            self.act_sum[lay, li] += _column_sums(flat)
+            self.counts[lay, li] += fired_counts(flat, self.threshold).to("cpu", torch.int64)
+            self.act_sum[lay, li] += column_sums(flat)
             if lay == 0:
                 self.tokens[li] += flat.shape[0]
 
