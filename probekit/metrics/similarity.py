@@ -69,6 +69,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -206,7 +208,7 @@ def retrieval_accuracy(p1: np.ndarray, p2: np.ndarray) -> tuple[np.ndarray, np.n
 # --------------------------------------------------------------------- metrics from summed cells
 
 
-def _hsic_u(s: dict, a: str, b: str) -> np.ndarray:
+def _hsic_u(s: CellSums, a: str, b: str) -> np.ndarray:
     """Unbiased HSIC per layer from feature-space sums (exactly the Gram formula).
 
     With K = XX', L = YY' and zeroed diagonals K~, L~:
@@ -214,19 +216,18 @@ def _hsic_u(s: dict, a: str, b: str) -> np.ndarray:
       1'K~1     = |sum x|^2 - sum_i |x_i|^2
       1'K~L~1   = sx' X'Y sy - sx.sum_i x_i|y_i|^2 - sy.sum_i y_i|x_i|^2 + sum_i |x_i|^2|y_i|^2
     """
-    n = s["n"]
-    sa, sb = s["s" + a], s["s" + b]
+    n = s.n
+    sa, na2 = s.side(a)[:2]
+    sb, nb2 = s.side(b)[:2]
     if a == b:
-        m = s[a + a]
-        na2nb2 = s["n" + a + "4"]
-        va_nb = vb_na = s[a + "_n" + a + "2"]
-    else:
-        m = s[a + b]  # X'Y
-        na2nb2 = s["nx2ny2"]
-        va_nb, vb_na = s["x_ny2"], s["y_nx2"]
+        _, _, m, va_nb, na2nb2 = s.side(a)
+        vb_na = va_nb
+    else:  # a, b = x, y
+        m, na2nb2 = s.xy, s.nx2ny2  # X'Y
+        va_nb, vb_na = s.x_ny2, s.y_nx2
     tr = (m * m).sum((-1, -2)) - na2nb2
-    ka = (sa * sa).sum(-1) - s["n" + a + "2"]
-    kb = (sb * sb).sum(-1) - s["n" + b + "2"]
+    ka = (sa * sa).sum(-1) - na2
+    kb = (sb * sb).sum(-1) - nb2
     kl = np.einsum("ld,lde,le->l", sa, m, sb) - (sa * va_nb).sum(-1) - (sb * vb_na).sum(-1)
     kl = kl + na2nb2
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -238,41 +239,41 @@ def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         return np.where(den > 0, num / np.sqrt(np.where(den > 0, den, 1.0)), np.nan)
 
 
-def _cka(s: dict) -> tuple[np.ndarray, np.ndarray]:
-    n = s["n"]
+def _cka(s: CellSums) -> tuple[np.ndarray, np.ndarray]:
+    n = s.n
     if n < 4:
-        nan = np.full(s["sx"].shape[0], np.nan)
+        nan = np.full(s.sx.shape[0], np.nan)
         return nan, nan
     deb = _ratio(_hsic_u(s, "x", "y"), _hsic_u(s, "x", "x") * _hsic_u(s, "y", "y"))
-    mx, my = s["sx"] / n, s["sy"] / n
+    mx, my = s.sx / n, s.sy / n
 
     def cen(m: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         return m - n * u[:, :, None] * v[:, None, :]
 
-    cxy, cxx, cyy = cen(s["xy"], mx, my), cen(s["xx"], mx, mx), cen(s["yy"], my, my)
+    cxy, cxx, cyy = cen(s.xy, mx, my), cen(s.xx, mx, mx), cen(s.yy, my, my)
     num = (cxy * cxy).sum((-1, -2))
     den = (cxx * cxx).sum((-1, -2)) * (cyy * cyy).sum((-1, -2))
     return deb, _ratio(num, den)
 
 
-def _centred_cos(s: dict) -> np.ndarray:
-    n = s["n"]
-    m1, m2 = s["ax"] / s["an1"], s["ay"] / s["an2"]
-    num = s["dot"] - (m1 * s["sy"]).sum(-1) - (m2 * s["sx"]).sum(-1) + n * (m1 * m2).sum(-1)
-    v1 = s["nx2"] - 2 * (m1 * s["sx"]).sum(-1) + n * (m1 * m1).sum(-1)
-    v2 = s["ny2"] - 2 * (m2 * s["sy"]).sum(-1) + n * (m2 * m2).sum(-1)
+def _centred_cos(s: CellSums) -> np.ndarray:
+    n = s.n
+    m1, m2 = s.ax / s.an1, s.ay / s.an2
+    num = s.dot - (m1 * s.sy).sum(-1) - (m2 * s.sx).sum(-1) + n * (m1 * m2).sum(-1)
+    v1 = s.nx2 - 2 * (m1 * s.sx).sum(-1) + n * (m1 * m1).sum(-1)
+    v2 = s.ny2 - 2 * (m2 * s.sy).sum(-1) + n * (m2 * m2).sum(-1)
     return _ratio(num, v1 * v2)
 
 
-def _map_r2(fit: dict, test: dict, kind: str, ridge: float) -> np.ndarray:
+def _map_r2(fit: CellSums, test: CellSums, kind: str, ridge: float) -> np.ndarray:
     """Held-out R^2 of x^ = y A + b, everything from sums (no token storage)."""
-    n_layers, d = fit["sx"].shape
-    if fit["n"] < 2 or test["n"] < 2:
+    n_layers, d = fit.sx.shape
+    if fit.n < 2 or test.n < 2:
         return np.full(n_layers, np.nan)
-    nf = fit["n"]
-    mxf, myf = fit["sx"] / nf, fit["sy"] / nf
-    cyy = fit["yy"] - nf * myf[:, :, None] * myf[:, None, :]
-    cyx = fit["xy"].transpose(0, 2, 1) - nf * myf[:, :, None] * mxf[:, None, :]  # Y'X centred
+    nf = fit.n
+    mxf, myf = fit.sx / nf, fit.sy / nf
+    cyy = fit.yy - nf * myf[:, :, None] * myf[:, None, :]
+    cyx = fit.xy.transpose(0, 2, 1) - nf * myf[:, :, None] * mxf[:, None, :]  # Y'X centred
     tr_yy = np.trace(cyy, axis1=1, axis2=2)
     if kind == "linmap":
         lam = ridge * tr_yy / d
@@ -283,26 +284,118 @@ def _map_r2(fit: dict, test: dict, kind: str, ridge: float) -> np.ndarray:
             scale = np.where(tr_yy > 0, sv.sum(-1) / tr_yy, 0.0)
         a = scale[:, None, None] * (u @ vt)
     b = mxf - np.einsum("ld,lde->le", myf, a)
-    nt = test["n"]
-    yx_t = test["xy"].transpose(0, 2, 1)
+    nt = test.n
+    yx_t = test.xy.transpose(0, 2, 1)
     sse = (
-        test["nx2"]
+        test.nx2
         - 2 * np.einsum("lde,lde->l", a, yx_t)
-        - 2 * (test["sx"] * b).sum(-1)
-        + ((test["yy"] @ a) * a).sum((1, 2))  # sum_def a_de yy_df a_fe
-        + 2 * (np.einsum("ld,lde->le", test["sy"], a) * b).sum(-1)
+        - 2 * (test.sx * b).sum(-1)
+        + ((test.yy @ a) * a).sum((1, 2))  # sum_def a_de yy_df a_fe
+        + 2 * (np.einsum("ld,lde->le", test.sy, a) * b).sum(-1)
         + nt * (b * b).sum(-1)
     )
-    sst = test["nx2"] - (test["sx"] * test["sx"]).sum(-1) / nt
+    sst = test.nx2 - (test.sx * test.sx).sum(-1) / nt
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(sst > 0, 1.0 - sse / sst, np.nan)
 
 
 # ---------------------------------------------------------------------------- streaming classes
 
-# the sums of a cell that read one side only (a shared baseline borrows them)
-_X_SIDE = ("an1", "ax", "sx", "nx2", "xx", "x_nx2", "nx4")
-_Y_SIDE = ("an2", "ay", "sy", "ny2", "yy", "y_ny2", "ny4")
+@dataclass
+class CellSums:
+    """The additive sums of one cell of pairs: float64 tensors while streaming, float64 arrays
+    (counts as floats) once reduced. x are L1's paired token states, y L2's, both shifted by the
+    stream's fixed shift; a1 / a2 every real token of each side. Per layer:"""
+
+    n_pairs: Any  # pairs in the cell
+    cos_sum: Any  # [L] sum of the per-pair cosines
+    n: Any  # paired tokens
+    an1: Any  # real L1 tokens
+    an2: Any  # real L2 tokens
+    sx: Any  # [L, d] sum_t x_t
+    sy: Any
+    ax: Any  # [L, d] sum over every real L1 token
+    ay: Any
+    dot: Any  # [L] sum_t x_t . y_t
+    nx2: Any  # [L] sum_t |x_t|^2
+    ny2: Any
+    xy: Any = None  # [L, d, d] X'Y (the linear maps and CKA)
+    yy: Any = None  # [L, d, d] Y'Y, an upper triangle while streaming
+    xx: Any = None  # [L, d, d] X'X (CKA only, as everything below)
+    x_nx2: Any = None  # [L, d] sum_t x_t |x_t|^2
+    y_ny2: Any = None
+    x_ny2: Any = None  # [L, d] sum_t x_t |y_t|^2
+    y_nx2: Any = None
+    nx4: Any = None  # [L] sum_t |x_t|^4
+    ny4: Any = None
+    nx2ny2: Any = None  # [L] sum_t |x_t|^2 |y_t|^2
+
+    # the sums that read one side only (a shared baseline borrows them)
+    X_SIDE: ClassVar[tuple[str, ...]] = ("an1", "ax", "sx", "nx2", "xx", "x_nx2", "nx4")
+    Y_SIDE: ClassVar[tuple[str, ...]] = ("an2", "ay", "sy", "ny2", "yy", "y_ny2", "ny4")
+    COUNTS: ClassVar[tuple[str, ...]] = ("n", "n_pairs", "an1", "an2")
+
+    @classmethod
+    def zeros(cls, n_layers: int, d: int, gram: bool, cka: bool) -> CellSums:
+        def z(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64)
+
+        L = n_layers
+        c = cls(z(), z(L), z(), z(), z(), z(L, d), z(L, d), z(L, d), z(L, d), z(L), z(L), z(L))
+        if gram or cka:
+            c.xy, c.yy = z(L, d, d), z(L, d, d)
+        if cka:
+            c.xx = z(L, d, d)
+            c.x_nx2, c.y_ny2, c.x_ny2, c.y_nx2 = z(L, d), z(L, d), z(L, d), z(L, d)
+            c.nx4, c.ny4, c.nx2ny2 = z(L), z(L), z(L)
+        return c
+
+    def present(self) -> dict[str, Any]:
+        """name -> value of the sums this cell keeps."""
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not None}
+
+    def side(self, which: str) -> tuple[Any, Any, Any, Any, Any]:
+        """(sum, sum of squared norms, Gram, sum_t v_t |v_t|^2, sum_t |v_t|^4) of x or y."""
+        if which == "x":
+            return self.sx, self.nx2, self.xx, self.x_nx2, self.nx4
+        return self.sy, self.ny2, self.yy, self.y_ny2, self.ny4
+
+    def borrow(self, other: CellSums, names: tuple[str, ...]) -> None:
+        """Take ``other``'s sums of these names (those it keeps)."""
+        for name in names:
+            if getattr(other, name) is not None:
+                setattr(self, name, getattr(other, name))
+
+    def reduced(self) -> CellSums:
+        """As float64 arrays, the Gram sums (kept as upper triangles) mirrored."""
+        c = {k: v.numpy() for k, v in self.present().items()}
+        for k in ("xx", "yy"):
+            if k in c:
+                u = c[k]
+                c[k] = u + np.triu(u, 1).transpose(0, 2, 1)
+        return CellSums(**c)
+
+    @staticmethod
+    def weighted(cells: list[tuple[float, CellSums]]) -> CellSums | None:
+        """sum_i w_i cells_i over the cells with w_i != 0 (None when there are none)."""
+        out: dict[str, Any] = {}
+        for w, cell in cells:
+            if w == 0:
+                continue
+            for k, a in cell.present().items():
+                if k in out:
+                    out[k] += w * a
+                else:
+                    out[k] = w * a
+        if not out:
+            return None
+        for k in CellSums.COUNTS:
+            out[k] = float(out[k])
+        return CellSums(**out)
+
+    def __add__(self, other: CellSums) -> CellSums:
+        mine, theirs = self.present(), other.present()
+        return CellSums(**{k: mine.get(k, 0) + theirs.get(k, 0) for k in mine | theirs})
 
 
 def _real_sum(h: torch.Tensor, mask: torch.Tensor, dims: int | tuple[int, ...]) -> torch.Tensor:
@@ -319,32 +412,14 @@ class _Stream:
         # False for a shared baseline: its one-language sums are the main stream's (see
         # SimilarityAccumulator, share_baseline); only the cross-language ones are kept here
         self.one_language = one_language
-        self.cells: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+        self.cells: dict[tuple[int, int], CellSums] = {}
         self.pooled: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.seen: set[int] = set()
         self.shift: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _new_cell(self) -> dict[str, torch.Tensor]:
+    def _new_cell(self) -> CellSums:
         o = self.o
-        L, d = o.n_layers, o.d_model
-
-        def z(*shape: int) -> torch.Tensor:
-            return torch.zeros(shape, dtype=torch.float64)
-
-        c = {"n_pairs": z(), "cos_sum": z(L), "n": z(), "an1": z(), "an2": z()}
-        for k in ("sx", "sy", "ax", "ay"):
-            c[k] = z(L, d)
-        for k in ("dot", "nx2", "ny2"):
-            c[k] = z(L)
-        if o._need_map or o._need_cka:
-            c["xy"], c["yy"] = z(L, d, d), z(L, d, d)
-        if o._need_cka:
-            c["xx"] = z(L, d, d)
-            for k in ("x_nx2", "y_ny2", "x_ny2", "y_nx2"):
-                c[k] = z(L, d)
-            for k in ("nx4", "ny4", "nx2ny2"):
-                c[k] = z(L)
-        return c
+        return CellSums.zeros(o.n_layers, o.d_model, o._need_map, o._need_cka)
 
     def update(self, h1, mask1, h2, mask2, pair_index, l1_rows=None) -> dict:  # noqa: ANN001
         """Add a batch; returns {cell: (L1 rows, their squared norms)} as float64, shifted.
@@ -413,8 +488,8 @@ class _Stream:
             cell = self.cells.get(key)
             if cell is None:
                 cell = self.cells[key] = self._new_cell()
-            cell["n_pairs"] += len(sel)
-            cell["cos_sum"] += torch.from_numpy(cos[:, sel].sum(1))
+            cell.n_pairs += len(sel)
+            cell.cos_sum += torch.from_numpy(cos[:, sel].sum(1))
             if not o._need_tokens:
                 continue
             r1 = torch.cat([b * T1 + rows[b] for b in sel])
@@ -448,74 +523,49 @@ class _Stream:
         # every real token is paired (clones; the shorter side of a matching): same rows
         a1 = x if torch.equal(r1, m1) else rows(f1, m1, c1)
         a2 = y if torch.equal(r2, m2) else rows(f2, m2, c2)
-        cell["an1"] += a1.shape[1]
-        cell["an2"] += a2.shape[1]
+        cell.an1 += a1.shape[1]
+        cell.an2 += a2.shape[1]
         sx, sy = x.sum(1), y.sum(1)
-        cell["ax"] += sx if a1 is x else a1.sum(1)
-        cell["ay"] += sy if a2 is y else a2.sum(1)
-        cell["sx"] += sx
-        cell["sy"] += sy
-        cell["nx2"] += nx2.sum(1)
-        cell["ny2"] += ny2.sum(1)
-        if "xy" in cell:
-            add_gram(cell["yy"], y)
+        cell.ax += sx if a1 is x else a1.sum(1)
+        cell.ay += sy if a2 is y else a2.sum(1)
+        cell.sx += sx
+        cell.sy += sy
+        cell.nx2 += nx2.sum(1)
+        cell.ny2 += ny2.sum(1)
+        if cell.xy is not None:
+            add_gram(cell.yy, y)
             if o._need_cka:
-                add_gram(cell["xx"], x)
-                cell["x_nx2"] += torch.bmm(nx2[:, None], x)[:, 0]  # sum_t x_t |x_t|^2
-                cell["y_ny2"] += torch.bmm(ny2[:, None], y)[:, 0]
-                cell["nx4"] += (nx2 * nx2).sum(1)
-                cell["ny4"] += (ny2 * ny2).sum(1)
+                add_gram(cell.xx, x)
+                cell.x_nx2 += torch.bmm(nx2[:, None], x)[:, 0]  # sum_t x_t |x_t|^2
+                cell.y_ny2 += torch.bmm(ny2[:, None], y)[:, 0]
+                cell.nx4 += (nx2 * nx2).sum(1)
+                cell.ny4 += (ny2 * ny2).sum(1)
         return x, nx2
 
     def _accumulate_cross(self, cell, x, y, norms) -> None:  # noqa: ANN001
         """The sums that pair the two sides (all a shared baseline keeps of its own);
         norms = the rows' squared norms (|x_t|^2, |y_t|^2), needed for CKA."""
-        cell["n"] += x.shape[1]
-        if "xy" not in cell:
-            cell["dot"] += (x * y).sum((1, 2))
+        cell.n += x.shape[1]
+        if cell.xy is None:
+            cell.dot += (x * y).sum((1, 2))
             return
         xy = cross_gram(x, y)
-        cell["xy"] += xy
-        cell["dot"] += xy.diagonal(dim1=1, dim2=2).sum(1)  # sum_t x_t . y_t = trace(X'Y)
+        cell.xy += xy
+        cell.dot += xy.diagonal(dim1=1, dim2=2).sum(1)  # sum_t x_t . y_t = trace(X'Y)
         if self.o._need_cka:
             nx2, ny2 = norms
-            cell["x_ny2"] += torch.bmm(ny2[:, None], x)[:, 0]
-            cell["y_nx2"] += torch.bmm(nx2[:, None], y)[:, 0]
-            cell["nx2ny2"] += (nx2 * ny2).sum(1)
+            cell.x_ny2 += torch.bmm(ny2[:, None], x)[:, 0]
+            cell.y_nx2 += torch.bmm(nx2[:, None], y)[:, 0]
+            cell.nx2ny2 += (nx2 * ny2).sum(1)
 
     # -- reduction
 
-    def full_cells(self) -> dict[tuple[int, int], dict[str, np.ndarray]]:
+    def full_cells(self) -> dict[tuple[int, int], CellSums]:
         """The cells as float64 arrays, with the Gram sums (kept as upper triangles) mirrored."""
-        out = {}
-        for key, cell in self.cells.items():
-            c = {k: v.numpy() for k, v in cell.items()}
-            for k in ("xx", "yy"):
-                if k in c:
-                    u = c[k]
-                    c[k] = u + np.triu(u, 1).transpose(0, 2, 1)
-            out[key] = c
-        return out
-
-    def _sum(
-        self, weights: dict[tuple[int, int], float], cells: dict[tuple[int, int], dict]
-    ) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        for key, w in weights.items():
-            if w == 0:
-                continue
-            for k, a in cells[key].items():
-                if k in out:
-                    out[k] += w * a
-                else:
-                    out[k] = w * a
-        for k in ("n", "n_pairs", "an1", "an2"):
-            if k in out:
-                out[k] = float(out[k])
-        return out
+        return {key: cell.reduced() for key, cell in self.cells.items()}
 
     def metrics(
-        self, weights: dict[tuple[int, int], float], cells: dict[tuple[int, int], dict]
+        self, weights: dict[tuple[int, int], float], cells: dict[tuple[int, int], CellSums]
     ) -> dict[str, np.ndarray]:
         """Every metric from the weighted sum of the cells (``full_cells``)."""
         o = self.o
@@ -523,19 +573,21 @@ class _Stream:
         nan = np.full(L, np.nan)
         w_fit = {k: w for k, w in weights.items() if k[1] == 0}
         w_test = {k: w for k, w in weights.items() if k[1] == 1}
-        fit, test = self._sum(w_fit, cells), self._sum(w_test, cells)
-        tot = {k: fit.get(k, 0) + test.get(k, 0) for k in set(fit) | set(test)}
+        fit = CellSums.weighted([(w, cells[k]) for k, w in w_fit.items()])
+        test = CellSums.weighted([(w, cells[k]) for k, w in w_test.items()])
+        parts = [c for c in (fit, test) if c is not None]
+        tot = parts[0] + parts[1] if len(parts) == 2 else (parts[0] if parts else None)
         res: dict[str, np.ndarray] = {}
-        have = bool(tot) and tot["n_pairs"] > 0
+        have = tot is not None and tot.n_pairs > 0
         if "hidden_cos" in o.metrics:
-            res["hidden_cos"] = tot["cos_sum"] / tot["n_pairs"] if have else nan
+            res["hidden_cos"] = tot.cos_sum / tot.n_pairs if have else nan
         if "hidden_cos_centred" in o.metrics:
             res["hidden_cos_centred"] = _centred_cos(tot) if have else nan
         if o._need_cka:
             res["cka"], res["cka_biased"] = _cka(tot) if have else (nan, nan)
         for m, kind in (("linmap_r2", "linmap"), ("procrustes_r2", "procrustes")):
             if m in o.metrics:
-                ok = bool(fit) and bool(test)
+                ok = fit is not None and test is not None
                 res[m] = _map_r2(fit, test, kind, o.ridge) if ok else nan
         return res
 
@@ -547,7 +599,9 @@ class _Stream:
         return p1, p2  # [L, n, d], rows sorted by pair_index
 
     def nbytes(self) -> int:
-        cells = sum(v.numel() * v.element_size() for c in self.cells.values() for v in c.values())
+        cells = sum(
+            v.numel() * v.element_size() for c in self.cells.values() for v in c.present().values()
+        )
         return cells + sum(p[1].nbytes + p[2].nbytes for p in self.pooled)
 
 
@@ -692,7 +746,7 @@ class SimilarityAccumulator:
             v.numel() * v.element_size()
             for s in (self._main, self._base)
             for c in s.cells.values()
-            for v in c.values()
+            for v in c.present().values()
         )
 
     # -- output
@@ -721,9 +775,9 @@ class SimilarityAccumulator:
         if sorted(moved.values()) != sorted(cells):
             raise MetricError("share_baseline: the baseline's cells do not match the main ones")
         for key, cell in cells.items():  # L1 side: pair i is in the same cell in both
-            cell.update({k: main[key][k] for k in _X_SIDE if k in main[key]})
+            cell.borrow(main[key], CellSums.X_SIDE)
         for src, dst in moved.items():
-            cells[dst].update({k: main[src][k] for k in _Y_SIDE if k in main[src]})
+            cells[dst].borrow(main[src], CellSums.Y_SIDE)
         pooled = None
         if main_pooled is not None:
             p1, p2 = main_pooled
