@@ -27,7 +27,7 @@ from probekit.errors import MetricError, ProbekitError, RunDirError
 from probekit.heap import release_heap, steady_heap
 from probekit.hooks import Activations, bridge_for, pad_batch, release_bridge, run_activations
 from probekit.metrics import FAMILIES, CheckpointContext, Family, PairBatch
-from probekit.model_view import ModelView
+from probekit.model_view import ModelView, check_hook_kind
 from probekit.options import AnalysisOptions
 from probekit.series import Series, cached_series
 
@@ -71,10 +71,8 @@ def run(
             raise MetricError(why)
         else:
             print(f"note: skipping {fam.name}: {why}")
-    parallel = any(_needs_parallel(f) for f in todo)
-    if parallel:
-        _ = series.parallel  # fail before any checkpoint is loaded
     ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
+    parallel = check_needs(todo, series, ckpts)  # fail before any checkpoint is loaded
     if _world() > 1:
         ckpts = ckpts[int(os.environ.get("RANK", 0)) :: _world()]
     # --recompute overwrites each step as its new result arrives: a failure keeps the old one
@@ -143,10 +141,12 @@ def _stream_pairs(ctx: CheckpointContext, families: list[Family]) -> dict[str, x
     batch k is handed over once batch k + 1's L2 side exists (at most two batches alive).
     """
     series, opts = ctx.series, ctx.options
-    kinds = set().union(*(f.needs.activations for f in families))
     baseline = any(f.needs.baseline for f in families)
+    kinds = set().union(*(f.needs.activations for f in families))
+    if baseline:
+        kinds.add("resid")  # the different-text baseline is built from the residual stream
     runs = {f.name: f.start(ctx) for f in families}
-    forward = _activation_runner(ctx, "resid" in kinds or baseline, "mlp" in kinds)
+    forward = _activation_runner(ctx, sorted(kinds))
     par = series.parallel
 
     def hand_over(idx: np.ndarray, a1: Activations, a2: Activations, nxt: Activations) -> None:
@@ -184,12 +184,10 @@ def _rows(parts: list[tuple[Activations, int]]) -> Activations:
     for b, ((a, r), n) in enumerate(zip(parts, lengths, strict=True)):
         resid[:, b, :n] = a.resid[:, r, :n]
         mask[b, :n] = True
-    return Activations(resid, None, mask)
+    return Activations({"resid": resid}, mask)
 
 
-def _activation_runner(
-    ctx: CheckpointContext, resid: bool, mlp: bool
-) -> Callable[[list], Activations]:
+def _activation_runner(ctx: CheckpointContext, kinds: list[str]) -> Callable[[list], Activations]:
     """seqs -> Activations of one padded batch, through the checkpoint's TransformerBridge
     (booted, or the previous checkpoint's refreshed with these weights: ``bridge_for``).
 
@@ -197,12 +195,44 @@ def _activation_runner(
     fused-QKV split by float32 rounding, which flips neurons at the firing threshold: the
     bridge stays the one way activations are read, on every architecture."""
     bridge = bridge_for(ctx.model, ctx.series.tokenizer, ctx.view, device=ctx.options.device)
-    return lambda seqs: run_activations(bridge, *pad_batch(seqs), ctx.view, resid, mlp)
+    return lambda seqs: run_activations(bridge, *pad_batch(seqs), ctx.view, kinds)
 
 
 def _needs_parallel(family: Family) -> bool:
     n = family.needs
-    return bool(n.activations) or n.gradients or n.baseline
+    return bool(n.activations) or n.gradients or n.baseline or n.parallel
+
+
+def check_needs(families: Sequence[Family], series: Series, ckpts: list[CheckpointInfo]) -> bool:
+    """Everything the families declared is there, before any checkpoint is loaded: the parallel
+    pairs, the test texts, and activations this architecture provides (one-line errors naming
+    the family). Returns whether the parallel pairs are needed."""
+    kinds = {(k, f.name) for f in families for k in f.needs.activations}
+    for kind, _ in sorted(kinds):
+        check_hook_kind(kind)
+    if kinds and ckpts:
+        view = _view_of(ckpts[0])
+        for kind, name in sorted(kinds):
+            why = view.unavailable(kind) if view is not None else None
+            if why is not None:
+                raise MetricError(f"{name}: activation {kind!r} is not available: {why}")
+    parallel = any(_needs_parallel(f) for f in families)
+    if parallel:
+        _ = series.parallel
+    if any(f.needs.test_tokens for f in families):
+        _ = series.test_texts()
+    return parallel
+
+
+def _view_of(info: CheckpointInfo) -> ModelView | None:
+    """The model view from a checkpoint's config.json alone (None where it has none: the
+    loader then says what is wrong with the checkpoint)."""
+    from transformers import AutoConfig
+
+    try:
+        return ModelView.from_config(AutoConfig.from_pretrained(str(info.path)))
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def _world() -> int:

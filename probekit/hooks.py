@@ -8,15 +8,16 @@ before the final LayerNorm, as in the paper. Only the hooks asked for are cached
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from probekit import checkpoints
-from probekit.model_view import ModelView
+from probekit.model_view import HOOK_KINDS, ModelView
 
 
 def _hf_tokenizer(tokenizer):
@@ -171,13 +172,41 @@ def _boot_error(config, exc: Exception) -> Exception:
 FINAL_NORM_HOOK = "ln_final.hook_in"  # the bridge's input to the final norm, after every block
 
 
-@dataclass
-class Activations:
-    resid: torch.Tensor | None  # [L + 1, B, T, d_model]
-    # L tensors [B, T, d_mlp], one per block: not stacked, which would copy ~17 MB per tiny
-    # batch for a family (neurons) that reads them a layer at a time
-    mlp: tuple[torch.Tensor, ...] | None
-    mask: torch.Tensor  # [B, T] True at real tokens
+class Activations(Mapping[str, Any]):
+    """One batch's activations: a mapping from the kinds a family declared (``Needs.activations``,
+    see ``model_view.HOOK_KINDS``) to tensors, and the batch's mask [B, T] (True at real
+    tokens). "resid" is one [L + 1, B, T, d_model] tensor; a per-block kind is a tuple of L
+    tensors, not stacked (stacking would copy ~17 MB per tiny batch of MLP units for a family
+    that reads them a layer at a time)."""
+
+    def __init__(self, tensors: dict[str, Any], mask: torch.Tensor):
+        self._tensors = dict(tensors)
+        self.mask = mask
+
+    def __getitem__(self, kind: str) -> Any:
+        try:
+            return self._tensors[kind]
+        except KeyError:
+            raise KeyError(
+                f"activation {kind!r} was not read for this batch (read: "
+                f"{', '.join(self._tensors) or 'none'}); declare it in Needs.activations"
+            ) from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    @property
+    def resid(self) -> torch.Tensor | None:
+        """The residual stream at layers 0..L, [L + 1, B, T, d_model] (None when not read)."""
+        return self._tensors.get("resid")
+
+    @property
+    def mlp(self) -> tuple[torch.Tensor, ...] | None:
+        """MLP hidden units after the nonlinearity, L tensors [B, T, d_mlp] (None when not read)."""
+        return self._tensors.get("mlp")
 
 
 def pad_batch(seqs: Sequence[np.ndarray], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,13 +226,22 @@ def run_activations(
     ids: torch.Tensor,
     mask: torch.Tensor,
     view: ModelView,
-    resid: bool = True,
-    mlp: bool = False,
+    kinds: Iterable[str] = ("resid",),
 ) -> Activations:
-    """One batch through the bridge, caching only the residual and/or MLP hooks asked for."""
+    """One batch through the bridge, caching only the hooks of the activation kinds asked for
+    (float32, on the CPU)."""
     from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-    wanted = set(view.resid_hooks if resid else []) | set(view.mlp_hooks if mlp else [])
+    kinds = list(dict.fromkeys(kinds))
+    names = {kind: view.hook_names(kind) for kind in kinds}
+    wanted = {n for hooks in names.values() for n in hooks}
+    missing = sorted(wanted - set(bridge.hook_dict))
+    if missing:
+        from probekit.errors import MetricError
+
+        raise MetricError(
+            f"the TransformerBridge of this {view.arch} checkpoint has no hook {missing[0]!r}"
+        )
     device = next(bridge.parameters()).device
 
     def stop(tensor: torch.Tensor, hook) -> None:  # noqa: ANN001 - a HookPoint
@@ -218,7 +256,13 @@ def run_activations(
     finally:
         if handle is not None:
             handle.hook.remove()
-    r = torch.stack([cache[n] for n in view.resid_hooks]).float().cpu() if resid else None
-    m = tuple(cache[n].float().cpu() for n in view.mlp_hooks) if mlp else None
+    out: dict[str, Any] = {}
+    for kind, hooks in names.items():
+        if kind == "resid":
+            out[kind] = torch.stack([cache[n] for n in hooks]).float().cpu()
+        elif len(hooks) == 1 and "{l}" not in (HOOK_KINDS.get(kind, (kind,))[0]):
+            out[kind] = cache[hooks[0]].float().cpu()
+        else:
+            out[kind] = tuple(cache[n].float().cpu() for n in hooks)
     del cache
-    return Activations(r, m, mask)
+    return Activations(out, mask)

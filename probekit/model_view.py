@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from probekit.errors import RunDirError
+from probekit.errors import MetricError, RunDirError
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,39 @@ CANONICAL_TENSORS: dict[str, tuple[dict[str, str], dict[str, str], tuple[str, ..
 }
 
 
+# The hook vocabulary: what a family may name in ``Needs.activations``. Each kind is one
+# TransformerBridge hook per block ({l} = 0..L-1), read as a tuple of L tensors, except
+# "resid", the residual stream at layers 0..L stacked as one [L + 1, B, T, d] tensor (the
+# shared layer convention). A family may also name any hook the bridge exposes: a name with
+# "{l}" is read per block (a tuple), a plain name as one tensor.
+HOOK_KINDS: dict[str, tuple[str, str]] = {
+    "resid": ("", "residual stream at layers 0..L (embeddings output, then after each block)"),
+    "resid_pre": ("blocks.{l}.hook_resid_pre", "residual stream entering each block"),
+    "resid_mid": ("blocks.{l}.hook_resid_mid", "residual stream between attention and MLP"),
+    "attn_pattern": ("blocks.{l}.attn.hook_pattern", "attention probabilities [B, heads, T, T]"),
+    "attn_out": ("blocks.{l}.hook_attn_out", "attention output added to the residual stream"),
+    "mlp_in": ("blocks.{l}.mlp.hook_in", "the MLP's input (after its norm)"),
+    "mlp_pre": ("blocks.{l}.mlp.hook_pre", "MLP hidden units before the nonlinearity"),
+    "mlp": ("blocks.{l}.mlp.hook_post", "MLP hidden units after the nonlinearity (neurons)"),
+    "mlp_out": ("blocks.{l}.hook_mlp_out", "MLP output added to the residual stream"),
+}
+# (architecture, kind) -> why the architecture has no such activation
+_UNAVAILABLE = {
+    ("gpt_neox", "resid_mid"): "GPT-NeoX adds attention and MLP to the same residual (parallel "
+    "residual): there is no stream between them",
+}
+
+
+def check_hook_kind(kind: str) -> None:
+    """A one-line error unless ``kind`` is a known kind or a TransformerLens hook name."""
+    if kind in HOOK_KINDS or (kind.startswith(("blocks.", "hook_")) and "hook_" in kind):
+        return
+    raise MetricError(
+        f"unknown activation {kind!r} (known: {', '.join(HOOK_KINDS)}, or a TransformerLens "
+        "hook name such as blocks.{l}.attn.hook_z)"
+    )
+
+
 @dataclass(frozen=True)
 class ModelView:
     """Layers, widths, hook names and per-layer parameter groups of one checkpoint."""
@@ -186,7 +219,24 @@ class ModelView:
     @property
     def mlp_hooks(self) -> list[str]:
         """MLP hidden activations of blocks 1..L (after the nonlinearity)."""
-        return [f"blocks.{i}.mlp.hook_post" for i in range(self.n_layers)]
+        return self.hook_names("mlp")
+
+    def unavailable(self, kind: str) -> str | None:
+        """None when this architecture provides the activation ``kind``, else the reason."""
+        check_hook_kind(kind)
+        return _UNAVAILABLE.get((self.arch, kind))
+
+    def hook_names(self, kind: str) -> list[str]:
+        """The bridge hooks that make up the activation ``kind`` (see HOOK_KINDS)."""
+        why = self.unavailable(kind)
+        if why is not None:
+            raise MetricError(f"activation {kind!r} is not available for {self.arch}: {why}")
+        if kind == "resid":
+            return self.resid_hooks
+        template = HOOK_KINDS[kind][0] if kind in HOOK_KINDS else kind
+        if "{l}" not in template:
+            return [template]
+        return [template.format(l=i) for i in range(self.n_layers)]
 
     def layer_of(self, parameter: str) -> int | None:
         """The layer a parameter belongs to: l for block l's (1..L), None outside blocks."""

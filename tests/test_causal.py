@@ -171,7 +171,7 @@ def test_ablating_split_neurons_hurts_only_their_language():
     seqs2 = [s + V for s in seqs1]
     acc = NeuronAccumulator(1, D_MLP, ["L1", "L2"])
     for lang, seqs in (("L1", seqs1), ("L2", seqs2)):
-        act = run_activations(bridge, *pad_batch(seqs), view, resid=False, mlp=True)
+        act = run_activations(bridge, *pad_batch(seqs), view, ["mlp"])
         acc.update(lang, act.mlp, act.mask)
     masks = specific_neurons(acc.result())
     assert masks[0, 0].tolist() == [True] * (D_MLP // 2) + [False] * (D_MLP // 2)

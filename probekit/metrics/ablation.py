@@ -118,9 +118,7 @@ def ablation(ctx: CheckpointContext, seed: int = 0) -> xr.Dataset:
     for start in range(0, len(par), opts.batch_size):
         idx = range(start, min(start + opts.batch_size, len(par)))
         for lang, seqs in zip(pair, (par.ids1, par.ids2), strict=True):
-            act = run_activations(
-                bridge, *pad_batch([seqs[i] for i in idx]), view, resid=False, mlp=True
-            )
+            act = run_activations(bridge, *pad_batch([seqs[i] for i in idx]), view, ["mlp"])
             acc.update(lang, act.mlp, act.mask)
     masks = specific_neurons(acc.result())  # [L, lang, N]
     any_specific = masks.any(1)
@@ -188,7 +186,7 @@ class Ablation(Family):
         ),
         Variable("ablation_n_neurons", "language-specific neurons ablated"),
     )
-    needs = Needs(weights=True, test_tokens=True)
+    needs = Needs(weights=True, parallel=True, test_tokens=True)
 
     def applies(self, series: Series) -> str | None:
         why = needs_vocabulary(series)

@@ -36,9 +36,13 @@ class Variable:
 class Needs:
     """What a family needs of each checkpoint; the driver provides exactly that."""
 
-    activations: frozenset[str] = frozenset()  # hook kinds over the parallel pairs: resid, mlp
+    # activations over the parallel pairs, streamed to an accumulator (``start``): kinds of
+    # model_view.HOOK_KINDS (resid, resid_pre, resid_mid, attn_pattern, attn_out, mlp_in,
+    # mlp_pre, mlp, mlp_out) or TransformerLens hook names; each batch's Activations maps them
+    activations: frozenset[str] = frozenset()
     baseline: bool = False  # also L2 activations of a different text (pair i with i + 1)
-    gradients: bool = False  # backward passes through the checkpoint
+    gradients: bool = False  # backward passes through the checkpoint over the parallel pairs
+    parallel: bool = False  # the parallel pairs, read in one call (``compute``)
     test_tokens: bool = False  # each language's held-out test stream
     weights: bool = False  # the weights alone
 

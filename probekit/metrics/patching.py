@@ -213,7 +213,7 @@ class Patching(Family):
         Variable("patch_ce", "patched next-token cross-entropy", _DEFINITIONS["patch_ce"]),
         Variable("patch_kept", "share of L2's loss kept by L1's state", _DEFINITIONS["patch_kept"]),
     )
-    needs = Needs(weights=True)
+    needs = Needs(weights=True, parallel=True)
 
     def applies(self, series: Series) -> str | None:
         why = needs_vocabulary(series)
