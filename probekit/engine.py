@@ -105,15 +105,17 @@ def run(
 
 
 def compute_checkpoint(
-    path: str | Path, step: int, names: list[str], options: AnalysisOptions
+    path: str | Path, step: int, names: Sequence[str | Family], options: AnalysisOptions
 ) -> dict[str, xr.Dataset]:
-    """The named families for one checkpoint -> {family: Dataset}. Runs in any process."""
+    """The families (by name, or the Family objects themselves) for one checkpoint ->
+    {family: Dataset}. Runs in any process: a dask worker is handed the objects, so a family
+    registered only in the driver's process (a notebook's) is computed there too."""
     steady_heap()  # this process now reuses freed buffers (the driver's or a worker's)
     series = cached_series(Path(path), options)
     info = next((c for c in series.checkpoints() if c.step == step), None)
     if info is None:
         raise RunDirError(f"{path}: no checkpoint for step {step}")
-    fams = [FAMILIES[n] for n in names]
+    fams = [n if isinstance(n, Family) else _registered(n) for n in names]
     # what lives now (the series, imported modules) outlives this checkpoint: the collection
     # below then scans only what this checkpoint created (a full one took ~0.5 s per step)
     gc.freeze()
@@ -198,6 +200,13 @@ def _activation_runner(ctx: CheckpointContext, kinds: list[str]) -> Callable[[li
     return lambda seqs: run_activations(bridge, *pad_batch(seqs), ctx.view, kinds)
 
 
+def _registered(name: str) -> Family:
+    fam = FAMILIES.get(name)
+    if fam is None:
+        raise MetricError(f"unknown metric family {name!r} in this process")
+    return fam
+
+
 def _needs_parallel(family: Family) -> bool:
     n = family.needs
     return bool(n.activations) or n.gradients or n.baseline or n.parallel
@@ -279,8 +288,8 @@ def _run_dask(
         client = Client(cluster)
     try:
         futures = {
-            client.submit(compute_checkpoint, path, info.step, names, opts, pure=False): info
-            for info, names in jobs
+            client.submit(compute_checkpoint, path, info.step, fams, opts, pure=False): info
+            for info, fams in ((info, [FAMILIES[n] for n in names]) for info, names in jobs)
         }
         for fut in tqdm(
             as_completed(futures), total=len(futures), desc=label, disable=not progress

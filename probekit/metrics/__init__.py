@@ -39,6 +39,8 @@ __all__ = [
     "family_of",
     "families_for",
     "resolve",
+    "load_entry_points",
+    "ENTRY_POINT_GROUP",
 ]
 
 FAMILIES: dict[str, Family] = {}
@@ -66,6 +68,36 @@ for _family in (
     Ablation(),
 ):
     register(_family)
+
+
+ENTRY_POINT_GROUP = "probekit.families"
+
+
+def load_entry_points() -> list[str]:
+    """Register the families other packages publish under the ``probekit.families`` entry-point
+    group (as xarray finds its backends): each entry point names a Family subclass or instance.
+    Returns their names; one that cannot be loaded is a one-line warning, not a failure."""
+    import warnings
+    from importlib.metadata import entry_points
+
+    names = []
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+            family = obj() if isinstance(obj, type) else obj
+            if not isinstance(family, Family):
+                raise TypeError(f"{ep.value} is not a probekit Family")
+            names.append(register(family).name)
+        except Exception as exc:  # noqa: BLE001 - a broken plugin must not break probekit
+            warnings.warn(
+                f"probekit: family entry point {ep.name!r} not loaded ({type(exc).__name__}: "
+                f"{exc})",
+                stacklevel=2,
+            )
+    return names
+
+
+load_entry_points()
 
 
 def families_for(command: str) -> list[Family]:
