@@ -62,6 +62,27 @@ def _read_meta(folder: Path) -> dict:
         return {}
 
 
+def read_meta(folder: Path | str) -> dict:
+    """A checkpoint folder's probekit.json ({} if absent or unreadable)."""
+    return _read_meta(Path(folder))
+
+
+def step_of_name(name: str) -> int | None:
+    """The step a folder or revision name gives: its last number (None without digits)."""
+    digits = re.findall(r"\d+", name)
+    return int(digits[-1]) if digits else None
+
+
+def hub_refs(hub: Path) -> dict[str, str]:
+    """A hub cache model folder's revisions: name -> the snapshot (commit) it names."""
+    refs_dir = Path(hub) / "refs"
+    return {
+        f.relative_to(refs_dir).as_posix(): f.read_text().strip()
+        for f in (sorted(refs_dir.rglob("*")) if refs_dir.is_dir() else [])
+        if f.is_file()
+    }
+
+
 def _info(folder: Path) -> CheckpointInfo | None:
     meta = _read_meta(folder)
     step = meta.get("step")
@@ -152,12 +173,7 @@ def _repo(folder_name: str) -> str:
 def _hub_checkpoints(
     hub: Path, revisions: list[str] | tuple[str, ...] | None
 ) -> list[CheckpointInfo]:
-    refs_dir = hub / "refs"
-    refs = {
-        f.relative_to(refs_dir).as_posix(): f.read_text().strip()
-        for f in (sorted(refs_dir.rglob("*")) if refs_dir.is_dir() else [])
-        if f.is_file()
-    }
+    refs = hub_refs(hub)
     snapshots = hub / "snapshots"
     if revisions:
         missing = [r for r in revisions if r not in refs]
@@ -195,9 +211,14 @@ def _by_step(refs: dict[str, str]) -> list[str]:
 
 
 def select_checkpoints(
-    ckpts: list[CheckpointInfo], steps: list[int] | None, where: Path | str
+    ckpts: list[CheckpointInfo], steps: Any, where: Path | str
 ) -> list[CheckpointInfo]:
-    """The checkpoints of the given steps (all if none); a missing step is a one-line error."""
+    """The checkpoints of the given steps (all if none): a list of step numbers, or a sample
+    (`every:N`, `log:K`, `range:A:B[:S]`, see probekit.revisions); a missing step is a
+    one-line error."""
+    from probekit.revisions import sample_steps
+
+    steps = sample_steps([c.step for c in ckpts], steps, where)
     if not steps:
         return ckpts
     have = {c.step for c in ckpts}

@@ -29,6 +29,7 @@ from probekit.hooks import Activations, bridge_for, pad_batch, release_bridge, r
 from probekit.metrics import FAMILIES, CheckpointContext, Family, PairBatch
 from probekit.model_view import ModelView
 from probekit.options import AnalysisOptions
+from probekit.revisions import Sample, is_sample, parse_sample
 from probekit.series import Series, cached_series
 
 SCHEDULER_ENV = "PROBEKIT_DASK_SCHEDULER"
@@ -37,7 +38,7 @@ SCHEDULER_ENV = "PROBEKIT_DASK_SCHEDULER"
 def run(
     path: str | Path,
     families: Sequence[Family],
-    steps: list[int] | None = None,
+    steps: list[int] | str | Sample | None = None,
     recompute: bool = False,
     options: AnalysisOptions | None = None,
     workers: int = 0,
@@ -52,8 +53,14 @@ def run(
     error when `explicit` (the user named it), else skipped with a one-line note. `workers`
     spreads checkpoints over a local dask cluster, `scheduler` (or $PROBEKIT_DASK_SCHEDULER)
     over an existing one; under torchrun each rank takes its share of the checkpoints.
+    `steps`: step numbers, or a sample of the series (`every:N`, `log:K`, `range:A:B[:S]`;
+    probekit.revisions), which `options.revisions` may also hold.
     """
     opts = (options or AnalysisOptions()).validated()
+    if opts.revisions and len(opts.revisions) == 1 and is_sample(opts.revisions[0]):
+        if steps:
+            raise MetricError("revisions: a sample selects the steps; leave out steps")
+        steps, opts = parse_sample(opts.revisions[0], "revisions"), opts.updated(revisions=None)
     path = Path(path)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise MetricError(f"--workers: expected an integer >= 0, got {workers!r}")
@@ -74,13 +81,15 @@ def run(
     parallel = any(_needs_parallel(f) for f in todo)
     if parallel:
         _ = series.parallel  # fail before any checkpoint is loaded
-    ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
+    selected = ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
     if _world() > 1:
         ckpts = ckpts[int(os.environ.get("RANK", 0)) :: _world()]
     # --recompute overwrites each step as its new result arrives: a failure keeps the old one
     done = {f.name: set() if recompute else set(store.stored_steps(path, f.name)) for f in todo}
     jobs = [(c, [f.name for f in todo if c.step not in done[f.name]]) for c in ckpts]
     jobs = [(c, names) for c, names in jobs if names]
+    if jobs and int(os.environ.get("RANK", 0)) == 0:
+        _warn_series(selected)
     attrs = series.attrs(parallel) | {"analysis_options": str(opts.describe())}
 
     def save(info: CheckpointInfo, result: dict[str, xr.Dataset]) -> None:
@@ -200,6 +209,26 @@ def _activation_runner(
     return lambda seqs: run_activations(bridge, *pad_batch(seqs), ctx.view, resid, mlp)
 
 
+class SeriesWarning(UserWarning):
+    """The series check found faulty revisions (duplicate weights, steps out of order, ...)."""
+
+
+def _warn_series(ckpts: list[CheckpointInfo]) -> None:
+    """`probekit check`'s checks of the selected checkpoints, as one warning line (sampled
+    hashes: a few MB read per checkpoint, whatever the model's size)."""
+    import warnings
+
+    from probekit.series_check import check_checkpoints, summary_line
+
+    problems = check_checkpoints(ckpts)
+    if problems:
+        warnings.warn(
+            summary_line(problems, len(ckpts)) + " (`probekit check` lists them)",
+            SeriesWarning,
+            stacklevel=3,
+        )
+
+
 def _needs_parallel(family: Family) -> bool:
     n = family.needs
     return bool(n.activations) or n.gradients or n.baseline
@@ -262,4 +291,4 @@ def _run_dask(
             cluster.close()
 
 
-__all__ = ["run", "compute_checkpoint", "local_cluster", "Series", "SCHEDULER_ENV"]
+__all__ = ["run", "compute_checkpoint", "local_cluster", "Series", "SCHEDULER_ENV", "SeriesWarning"]
