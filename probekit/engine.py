@@ -128,7 +128,7 @@ def compute_checkpoint(
     # what lives now (the series, imported modules) outlives this checkpoint: the collection
     # below then scans only what this checkpoint created (a full one took ~0.5 s per step)
     gc.freeze()
-    model = load_checkpoint(info, device=options.device, reuse=True)
+    model = load_checkpoint(info, device=options.device, reuse=True, dtype=options.dtype)
     series.check_model(model, info)
     final = step == series.checkpoints()[-1].step
     ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options, final)

@@ -51,6 +51,18 @@ def _cluster_options(fn):
     )(fn)
 
 
+def _dtype_option(fn):
+    """--dtype: the precision of the analysis' forwards and backwards."""
+    return click.option(
+        "--dtype",
+        type=click.Choice(["float32", "bfloat16", "float16"]),
+        default="float32",
+        show_default=True,
+        help="Precision of the forwards and backwards (accumulators stay float32/float64); "
+        "bfloat16 halves the weights' memory, see docs/align.md for how far it moves numbers.",
+    )(fn)
+
+
 def _foreign_options(fn):
     """--tokenizer, --model and --revisions: where any HF checkpoint series comes from."""
     fn = click.option(
@@ -249,6 +261,7 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
 )
 @_foreign_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_dtype_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def align(
@@ -270,6 +283,7 @@ def align(
     model,
     revisions,
     device,
+    dtype,
     quiet,
 ) -> None:
     """Per-layer cross-language similarity (and shared machinery) over training time,
@@ -291,6 +305,7 @@ def align(
         n_grad_pairs=grad_pairs,
         ci=ci,
         device=device,
+        dtype=dtype,
         parallel_files=tuple(parallel_files) if parallel_files else None,
         tokenizer=tokenizer,
         hub_model=model,
@@ -355,6 +370,7 @@ def _print_final(cube, names: list[str]) -> None:
 )
 @_foreign_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_dtype_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def eval_cmd(
@@ -371,6 +387,7 @@ def eval_cmd(
     model,
     revisions,
     device,
+    dtype,
     quiet,
 ) -> None:
     """Test perplexity per language for every checkpoint (sliding window), stored as `ppl`.
@@ -386,6 +403,7 @@ def eval_cmd(
         tail=tail,
         max_tokens=max_tokens,
         device=device,
+        dtype=dtype,
         tokenizer=tokenizer,
         hub_model=model,
         revisions=_revisions(revisions),
