@@ -13,6 +13,8 @@ from test_architectures import FAST, cli_run, save_series
 from test_series_layouts import make_hub_cache
 
 import probekit
+import probekit.errors
+from probekit import engine
 from probekit.engine import SeriesWarning
 from probekit.options import OptionError
 from probekit.revisions import parse_sample, parse_steps
@@ -54,7 +56,7 @@ def test_malformed_samples_are_one_line(bad: str, msg: str, tmp_path: Path):
     assert res.exit_code == 2 and len(lines) == 1 and msg in lines[0], res.output
 
 
-def test_align_a_sample(tmp_path: Path):
+def test_align_a_sample(tmp_path: Path, monkeypatch):
     series = save_series(tmp_path / "s", "gpt2", steps=(0, 10, 20, 30))
     args = ["--parallel", "bible:en", "bible:fr", "--metrics", "similarity", *FAST]
     res = cli_run("align", series, "--revisions", "every:2", *args)
@@ -63,6 +65,17 @@ def test_align_a_sample(tmp_path: Path):
     opts = probekit.AlignOptions(parallel_files=("bible:en", "bible:fr"), n_pairs=8, seq_len=32)
     cube = probekit.align(series, "similarity", steps="range:5:10", options=opts, progress=False)
     assert list(cube["step"].values) == [0, 10, 20, 30]
+    # a sample in AlignOptions.revisions selects the same way (one checkpoint recomputed here)
+    one = opts.updated(revisions=("range:25:35",))
+    computed = []
+    real = engine.compute_checkpoint
+    monkeypatch.setattr(
+        engine, "compute_checkpoint", lambda p, step, *a: computed.append(step) or real(p, step, *a)
+    )
+    cube = probekit.align(series, "similarity", recompute=True, options=one, progress=False)
+    assert computed == [30] and list(cube["step"].values) == [0, 10, 20, 30]
+    with pytest.raises(probekit.errors.MetricError, match="a sample selects the steps"):
+        probekit.align(series, "similarity", steps=[0], options=one, progress=False)
     res = cli_run("align", series, "--revisions", "range:100:200", *args)
     assert res.exit_code == 2 and "selects no checkpoint (steps 0..30)" in res.output
 
