@@ -32,6 +32,7 @@ _API = {
     "load_run_data": "probekit.data",
     "list_checkpoints": "probekit.checkpoints",
     "load_checkpoint": "probekit.checkpoints",
+    "check_series": "probekit.series_check",
 }
 
 __all__ = list(_API) + ["__version__"]

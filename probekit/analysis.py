@@ -20,7 +20,7 @@ AlignOptions = AnalysisOptions  # the name notebooks used before the driver had 
 def align(
     run_dir: str | Path,
     metrics: str | list[str] | None = None,
-    steps: list[int] | None = None,
+    steps: list[int] | str | None = None,
     recompute: bool = False,
     options: AnalysisOptions | None = None,
     workers: int = 0,

@@ -62,6 +62,27 @@ def _read_meta(folder: Path) -> dict:
         return {}
 
 
+def read_meta(folder: Path | str) -> dict:
+    """A checkpoint folder's probekit.json ({} if absent or unreadable)."""
+    return _read_meta(Path(folder))
+
+
+def step_of_name(name: str) -> int | None:
+    """The step a folder or revision name gives: its last number (None without digits)."""
+    digits = re.findall(r"\d+", name)
+    return int(digits[-1]) if digits else None
+
+
+def hub_refs(hub: Path) -> dict[str, str]:
+    """A hub cache model folder's revisions: name -> the snapshot (commit) it names."""
+    refs_dir = Path(hub) / "refs"
+    return {
+        f.relative_to(refs_dir).as_posix(): f.read_text().strip()
+        for f in (sorted(refs_dir.rglob("*")) if refs_dir.is_dir() else [])
+        if f.is_file()
+    }
+
+
 def _info(folder: Path) -> CheckpointInfo | None:
     meta = _read_meta(folder)
     step = meta.get("step")
@@ -152,12 +173,7 @@ def _repo(folder_name: str) -> str:
 def _hub_checkpoints(
     hub: Path, revisions: list[str] | tuple[str, ...] | None
 ) -> list[CheckpointInfo]:
-    refs_dir = hub / "refs"
-    refs = {
-        f.relative_to(refs_dir).as_posix(): f.read_text().strip()
-        for f in (sorted(refs_dir.rglob("*")) if refs_dir.is_dir() else [])
-        if f.is_file()
-    }
+    refs = hub_refs(hub)
     snapshots = hub / "snapshots"
     if revisions:
         missing = [r for r in revisions if r not in refs]
@@ -195,9 +211,14 @@ def _by_step(refs: dict[str, str]) -> list[str]:
 
 
 def select_checkpoints(
-    ckpts: list[CheckpointInfo], steps: list[int] | None, where: Path | str
+    ckpts: list[CheckpointInfo], steps: Any, where: Path | str
 ) -> list[CheckpointInfo]:
-    """The checkpoints of the given steps (all if none); a missing step is a one-line error."""
+    """The checkpoints of the given steps (all if none): a list of step numbers, or a sample
+    (`every:N`, `log:K`, `range:A:B[:S]`, see probekit.revisions); a missing step is a
+    one-line error."""
+    from probekit.revisions import sample_steps
+
+    steps = sample_steps([c.step for c in ckpts], steps, where)
     if not steps:
         return ckpts
     have = {c.step for c in ckpts}
@@ -225,6 +246,7 @@ class _Kept:
     config_text: str
     device: str
     model: Any
+    dtype: str | None = None
 
 
 _kept: _Kept | None = None
@@ -237,10 +259,14 @@ _SAFETENSORS_DTYPES = {
     "torch.int32": "I32",
     "torch.bool": "BOOL",
 }
+_FLOAT_STORED = {"F32", "F16", "BF16", "F64"}
 
 
 def load_checkpoint(
-    info: CheckpointInfo | Path | str, device: str = "cpu", reuse: bool = False
+    info: CheckpointInfo | Path | str,
+    device: str = "cpu",
+    reuse: bool = False,
+    dtype: str | None = None,
 ) -> Any:
     """The checkpoint's model (`AutoModelForCausalLM`), in eval mode on `device`.
 
@@ -248,6 +274,9 @@ def load_checkpoint(
     ``reuse``: the model may be the one the previous ``reuse`` call returned, its weights
     overwritten with this checkpoint's (same config.json, weights in one model.safetensors
     of the same names, shapes and dtypes); the caller must be done with that one.
+    ``dtype`` (float32 | bfloat16 | float16): the floating parameters are cast to it; buffers
+    keep theirs (a rotary inv_freq stays float32, as TransformerLens' own cast does). None:
+    as stored (no cast).
     """
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -255,7 +284,7 @@ def load_checkpoint(
     global _kept
     path = info.path if isinstance(info, CheckpointInfo) else Path(info)
     if reuse:
-        model = _read_into_kept(path, str(device))
+        model = _read_into_kept(path, str(device), dtype)
         if model is not None:
             return model
     hf_logging.disable_progress_bar()
@@ -267,10 +296,24 @@ def load_checkpoint(
             f"{path}: cannot load checkpoint ({type(exc).__name__}: {first[:200]})"
         ) from None
     model = model.to(device).eval()
+    if dtype is not None:
+        cast_parameters(model, dtype)
     if reuse:
         config = path / "config.json"
         ok = small_enough_to_keep(model) and config.is_file() and (path / WEIGHTS_FILE).is_file()
-        _kept = _Kept(config.read_text(), str(device), model) if ok else None
+        _kept = _Kept(config.read_text(), str(device), model, dtype) if ok else None
+    return model
+
+
+def cast_parameters(model: Any, dtype: str) -> Any:
+    """Cast `model`'s floating parameters to `dtype` in place (tied ones stay tied: each
+    Parameter object keeps its identity); a parameter already in it is not touched."""
+    import torch
+
+    target = getattr(torch, dtype)
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
     return model
 
 
@@ -286,8 +329,10 @@ def release_kept() -> None:
     _kept = None
 
 
-def _read_into_kept(path: Path, device: str) -> Any | None:
-    """The kept model with `path`'s weights, or None where they do not fit it exactly."""
+def _read_into_kept(path: Path, device: str, dtype: str | None = None) -> Any | None:
+    """The kept model with `path`'s weights, or None where they do not fit it exactly.
+    With `dtype` the floating tensors are cast into the kept model's (as a fresh load casts
+    them); without, every stored dtype must be the model's."""
     global _kept
     from safetensors import safe_open
     from safetensors.torch import load_model
@@ -295,7 +340,7 @@ def _read_into_kept(path: Path, device: str) -> Any | None:
     kept = _kept
     weights = path / WEIGHTS_FILE
     try:
-        if kept is None or kept.device != device or not weights.is_file():
+        if kept is None or kept.device != device or kept.dtype != dtype or not weights.is_file():
             return None
         if (path / "config.json").read_text() != kept.config_text:
             return None
@@ -306,7 +351,14 @@ def _read_into_kept(path: Path, device: str) -> Any | None:
             # shape and dtype (no silent cast), and every name it lacks must be a tied alias
             fits = names <= state.keys() and all(
                 tuple(f.get_slice(n).get_shape()) == tuple(state[n].shape)
-                and f.get_slice(n).get_dtype() == _SAFETENSORS_DTYPES.get(str(state[n].dtype))
+                and (
+                    f.get_slice(n).get_dtype() == _SAFETENSORS_DTYPES.get(str(state[n].dtype))
+                    or (
+                        dtype is not None
+                        and state[n].is_floating_point()
+                        and f.get_slice(n).get_dtype() in _FLOAT_STORED
+                    )
+                )
                 for n in names
             )
         if not fits:

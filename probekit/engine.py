@@ -29,6 +29,7 @@ from probekit.hooks import Activations, bridge_for, pad_batch, release_bridge, r
 from probekit.metrics import FAMILIES, CheckpointContext, Family, PairBatch
 from probekit.model_view import ModelView, check_hook_kind
 from probekit.options import AnalysisOptions
+from probekit.revisions import Sample, is_sample, parse_sample
 from probekit.series import Series, cached_series
 
 SCHEDULER_ENV = "PROBEKIT_DASK_SCHEDULER"
@@ -37,7 +38,7 @@ SCHEDULER_ENV = "PROBEKIT_DASK_SCHEDULER"
 def run(
     path: str | Path,
     families: Sequence[Family],
-    steps: list[int] | None = None,
+    steps: list[int] | str | Sample | None = None,
     recompute: bool = False,
     options: AnalysisOptions | None = None,
     workers: int = 0,
@@ -52,8 +53,14 @@ def run(
     error when `explicit` (the user named it), else skipped with a one-line note. `workers`
     spreads checkpoints over a local dask cluster, `scheduler` (or $PROBEKIT_DASK_SCHEDULER)
     over an existing one; under torchrun each rank takes its share of the checkpoints.
+    `steps`: step numbers, or a sample of the series (`every:N`, `log:K`, `range:A:B[:S]`;
+    probekit.revisions), which `options.revisions` may also hold.
     """
     opts = (options or AnalysisOptions()).validated()
+    if opts.revisions and len(opts.revisions) == 1 and is_sample(opts.revisions[0]):
+        if steps:
+            raise MetricError("revisions: a sample selects the steps; leave out steps")
+        steps, opts = parse_sample(opts.revisions[0], "revisions"), opts.updated(revisions=None)
     path = Path(path)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise MetricError(f"--workers: expected an integer >= 0, got {workers!r}")
@@ -71,7 +78,7 @@ def run(
             raise MetricError(why)
         else:
             print(f"note: skipping {fam.name}: {why}")
-    ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
+    selected = ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
     parallel = check_needs(todo, series, ckpts)  # fail before any checkpoint is loaded
     if _world() > 1:
         ckpts = ckpts[int(os.environ.get("RANK", 0)) :: _world()]
@@ -79,6 +86,8 @@ def run(
     done = {f.name: set() if recompute else set(store.stored_steps(path, f.name)) for f in todo}
     jobs = [(c, [f.name for f in todo if c.step not in done[f.name]]) for c in ckpts]
     jobs = [(c, names) for c, names in jobs if names]
+    if jobs and int(os.environ.get("RANK", 0)) == 0:
+        _warn_series(selected)
     attrs = series.attrs(parallel) | {"analysis_options": str(opts.describe())}
 
     def save(info: CheckpointInfo, result: dict[str, xr.Dataset]) -> None:
@@ -119,7 +128,7 @@ def compute_checkpoint(
     # what lives now (the series, imported modules) outlives this checkpoint: the collection
     # below then scans only what this checkpoint created (a full one took ~0.5 s per step)
     gc.freeze()
-    model = load_checkpoint(info, device=options.device, reuse=True)
+    model = load_checkpoint(info, device=options.device, reuse=True, dtype=options.dtype)
     series.check_model(model, info)
     final = step == series.checkpoints()[-1].step
     ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options, final)
@@ -205,6 +214,26 @@ def _registered(name: str) -> Family:
     if fam is None:
         raise MetricError(f"unknown metric family {name!r} in this process")
     return fam
+
+
+class SeriesWarning(UserWarning):
+    """The series check found faulty revisions (duplicate weights, steps out of order, ...)."""
+
+
+def _warn_series(ckpts: list[CheckpointInfo]) -> None:
+    """`probekit check`'s checks of the selected checkpoints, as one warning line (sampled
+    hashes: a few MB read per checkpoint, whatever the model's size)."""
+    import warnings
+
+    from probekit.series_check import check_checkpoints, summary_line
+
+    problems = check_checkpoints(ckpts)
+    if problems:
+        warnings.warn(
+            summary_line(problems, len(ckpts)) + " (`probekit check` lists them)",
+            SeriesWarning,
+            stacklevel=3,
+        )
 
 
 def _needs_parallel(family: Family) -> bool:
@@ -301,4 +330,4 @@ def _run_dask(
             cluster.close()
 
 
-__all__ = ["run", "compute_checkpoint", "local_cluster", "Series", "SCHEDULER_ENV"]
+__all__ = ["run", "compute_checkpoint", "local_cluster", "Series", "SCHEDULER_ENV", "SeriesWarning"]

@@ -34,7 +34,7 @@ __all__ = ["evaluate", "token_efficiency", "teff_table", "seed_summary", "DEFAUL
 
 def evaluate(
     run_dir: str | Path,
-    steps: list[int] | None = None,
+    steps: list[int] | str | None = None,
     stride: int | None = None,
     tail: int | None = None,
     max_tokens: int | None = None,

@@ -65,17 +65,28 @@ def load_bridge(
         config.name_or_path = str(path) if path else "local"
     try:
         bridge = TransformerBridge.boot_transformers(
-            "local", hf_model=model, tokenizer=_hf_tokenizer(tokenizer), device=device
+            "local",
+            hf_model=model,
+            tokenizer=_hf_tokenizer(tokenizer),
+            device=device,
+            dtype=_param_dtype(model),  # the bridge's cfg.dtype: the model's (--dtype)
         )
     except Exception as exc:  # noqa: BLE001 - any failure: try the folder, else one line
         if path is None:
             raise _boot_error(config, exc) from None
         try:
-            bridge = TransformerBridge.boot_transformers(str(path), device=device)
+            bridge = TransformerBridge.boot_transformers(
+                str(path), device=device, dtype=_param_dtype(model)
+            )
         except Exception as exc2:  # noqa: BLE001
             raise _boot_error(config, exc2) from None
     view.check_bridge(bridge)
     return bridge
+
+
+def _param_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the model's floating parameters (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 # A checkpoint's bridge is re-used for the next checkpoint of the same architecture when that is

@@ -18,6 +18,7 @@ class OptionError(ProbekitError):
 
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?")
+DTYPES = ("float32", "bfloat16", "float16")  # --dtype
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,8 @@ class AnalysisOptions:
     ci: float | None = None  # bootstrap interval level, e.g. 0.95 [--ci]
     n_boot: int = 1000  # bootstrap replicates
     device: str = "cpu"  # cpu, cuda or cuda:N [--device]
+    # the forwards' and backwards' precision [--dtype]; accumulators stay float32 / float64
+    dtype: str = "float32"
     neuron_threshold: float = 0.0  # an MLP neuron "fires" above this activation
     neuron_top_frac: float = 0.1  # top-k neuron sets: this fraction of d_mlp
     parallel_files: tuple[str, str] | None = None  # any HF series: two line-aligned texts
@@ -61,6 +64,8 @@ class AnalysisOptions:
 
             if not torch.cuda.is_available():
                 raise OptionError(f"--device: {self.device} requested but no CUDA device")
+        if self.dtype not in DTYPES:
+            raise OptionError(f"--dtype: expected {' | '.join(DTYPES)}, got {self.dtype!r}")
         if not _is_number(self.neuron_threshold) or math.isnan(self.neuron_threshold):
             raise OptionError(f"neuron_threshold: expected a number, got {self.neuron_threshold!r}")
         if not (_is_number(self.neuron_top_frac) and 0 < self.neuron_top_frac <= 1):

@@ -4,10 +4,14 @@ Each family (similarity, neurons, gradients, ...) is an xarray Dataset with a
 `step` dimension and a `tokens` coordinate, readable with plain xarray:
 ``xr.open_zarr("runs/x/analysis.zarr", group="similarity")``.
 
-A checkpoint's results are added by rewriting the (small) family group into a
-temporary folder and swapping it in with renames, under a file lock. A run
-killed at any moment therefore leaves every finished checkpoint readable, and
-several processes (dask workers, torchrun ranks) can write their own steps.
+A checkpoint's results are appended under a file lock: a step after every stored
+one, with the stored variables and coordinates, extends the group's arrays (one
+chunk per step: new chunk files and the arrays' metadata are written, nothing
+of the earlier checkpoints), behind a journal that undoes a killed append.
+Anything else (a replaced or earlier step, a new variable, other coordinates)
+rewrites the family group into a temporary folder and swaps it in with renames.
+A run killed at any moment therefore leaves every finished checkpoint readable,
+and several processes (dask workers, torchrun ranks) can write their own steps.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from probekit.errors import RunDirError
 from probekit.metrics import FAMILIES
 
 STORE_VERSION = 1
+STEP_CHUNK = 1 << 16  # steps per chunk of a step-only coordinate
 
 
 def store_path(run_dir: Path) -> Path:
@@ -85,9 +90,14 @@ def read_family(run_dir: Path, family: str) -> xr.Dataset | None:
     """One family's Dataset, loaded into memory, or None if it has never been written."""
     path = store_path(run_dir)
     check_version(run_dir)
-    if (path / f".old-{family}").exists() or (path / f".tmp-{family}").exists():
+    if (
+        (path / f".old-{family}").exists()
+        or (path / f".tmp-{family}").exists()
+        or _journal(path, family).exists()
+    ):
         with _locked(path):
             _recover(path, family)
+            _undo_append(path, family)
     if not (path / family / "zarr.json").is_file():
         return None
     with warnings.catch_warnings():
@@ -119,12 +129,103 @@ def _align_vars(a: xr.Dataset, b: xr.Dataset) -> tuple[xr.Dataset, xr.Dataset]:
 
 
 def _to_zarr(ds: xr.Dataset, path: Path, group: str) -> None:
+    ds = _storable(ds)
+    # one chunk per step: appending the next checkpoint then writes new chunk files only. The
+    # step-only coordinates (step, tokens: 8 bytes a checkpoint) are one chunk, read whole for
+    # the index at every open; an append rewrites it (atomically) with one more value.
+    encoding = {
+        name: {"chunks": (STEP_CHUNK,) if var.dims == ("step",) else (1, *var.shape[1:])}
+        for name, var in ds.variables.items()
+        if var.dims and var.dims[0] == "step"
+    }
+    ds.to_zarr(
+        str(path), group=group, mode="w", consolidated=False, zarr_format=3, encoding=encoding
+    )
+
+
+def _storable(ds: xr.Dataset) -> xr.Dataset:
     ds = ds.copy()
     for name, var in ds.variables.items():
         var.encoding.clear()
         if var.dtype.kind == "U":  # variable-length strings have a zarr v3 spec; fixed UTF-32 not
             ds[name] = var.astype(object)
-    ds.to_zarr(str(path), group=group, mode="w", consolidated=False, zarr_format=3)
+    return ds
+
+
+# Appending a checkpoint (`_append`) extends every step array of the group in place. Each file
+# zarr writes is atomic (a temporary file renamed over the old one), but the arrays' metadata
+# are several files: the journal beside the store records the group's step count before the
+# append, and a process that finds it (a writer was killed) cuts every step array back to it.
+def _journal(path: Path, family: str) -> Path:
+    return path.parent / f".analysis.append-{family}.json"
+
+
+def _undo_append(path: Path, family: str) -> None:
+    """Cut a family group back to the steps it held before a killed append (under the lock)."""
+    journal = _journal(path, family)
+    if not journal.is_file():
+        return
+    try:
+        n = int(json.loads(journal.read_text())["n_steps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        n = None  # torn while being written: nothing was appended yet
+    if n is not None and (path / family / "zarr.json").is_file():
+        group = zarr.open_group(str(path), path=family, mode="r+", zarr_format=3)
+        for _, arr in group.arrays():
+            names = arr.metadata.dimension_names or ()
+            if names and names[0] == "step" and arr.shape[0] != n:
+                arr.resize((n, *arr.shape[1:]))
+        _consolidate(path)
+    journal.unlink()
+
+
+def _appendable(old: xr.Dataset, ds: xr.Dataset) -> bool:
+    """Whether `ds` (new steps) extends `old` as is: the same variables, dims, dtypes and
+    non-step coordinates, every new step after every stored one."""
+    if set(old.data_vars) != set(ds.data_vars) or set(old.coords) != set(ds.coords):
+        return False
+    if not old.sizes.get("step") or ds["step"].min() <= old["step"].max():
+        return False
+    for name, var in ds.variables.items():
+        have = old.variables[name]
+        if var.dims != have.dims or _kind(var.dtype) != _kind(have.dtype):
+            return False
+        if "step" in var.dims:
+            if var.shape[1:] != have.shape[1:]:
+                return False
+        elif var.shape != have.shape or _listed(var.values) != _listed(have.values):
+            return False
+    return True
+
+
+def _listed(values: np.ndarray) -> list:
+    return [str(v) for v in np.asarray(values).ravel().tolist()]
+
+
+def _kind(dtype: np.dtype) -> str:
+    # strings are written as variable-length strings and read back as numpy's StringDType
+    return "str" if dtype.kind in "UOTS" else dtype.kind
+
+
+def _append(path: Path, family: str, ds: xr.Dataset, n_steps: int) -> None:
+    """Extend the group by `ds`'s steps: new chunk files and the arrays' metadata only."""
+    journal = _journal(path, family)
+    tmp = journal.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"n_steps": int(n_steps)}))
+    tmp.replace(journal)
+    ds = _storable(ds.drop_vars([n for n, v in ds.variables.items() if "step" not in v.dims]))
+    ds.to_zarr(str(path), group=family, append_dim="step", consolidated=False, zarr_format=3)
+    _consolidate(path)
+    journal.unlink()
+
+
+def _stored_head(path: Path, family: str) -> xr.Dataset | None:
+    """A family group opened lazily (metadata, coordinates): what `_appendable` compares."""
+    if not (path / family / "zarr.json").is_file():
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return xr.open_zarr(str(path), group=family, consolidated=False)
 
 
 def _consolidate(path: Path) -> None:
@@ -143,9 +244,13 @@ def write_steps(run_dir: Path, family: str, ds: xr.Dataset, attrs: dict | None =
     with _locked(path):
         _ensure_root(path)
         _recover(path, family)
-        old = None
-        if (path / family / "zarr.json").is_file():
-            old = xr.open_zarr(str(path), group=family, consolidated=False).load()
+        _undo_append(path, family)
+        ds = ds.sortby("step")
+        head = _stored_head(path, family)
+        if head is not None and _appendable(head, ds):
+            _append(path, family, ds.assign_attrs(attrs or {}), head.sizes["step"])
+            return
+        old = head.load() if head is not None else None
         if old is not None:
             old = old.sel(step=[s for s in old["step"].values if s not in set(ds["step"].values)])
             if old.sizes["step"]:

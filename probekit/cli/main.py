@@ -51,6 +51,18 @@ def _cluster_options(fn):
     )(fn)
 
 
+def _dtype_option(fn):
+    """--dtype: the precision of the analysis' forwards and backwards."""
+    return click.option(
+        "--dtype",
+        type=click.Choice(["float32", "bfloat16", "float16"]),
+        default="float32",
+        show_default=True,
+        help="Precision of the forwards and backwards (accumulators stay float32/float64); "
+        "bfloat16 halves the weights' memory, see docs/align.md for how far it moves numbers.",
+    )(fn)
+
+
 def _foreign_options(fn):
     """--tokenizer, --model and --revisions: where any HF checkpoint series comes from."""
     fn = click.option(
@@ -58,7 +70,9 @@ def _foreign_options(fn):
         default=None,
         metavar="REV,REV",
         help="A hub cache: revisions to analyse, comma-separated, e.g. step1000,step2000 "
-        "(default: every cached revision whose name holds a step; the step is read from it).",
+        "(default: every cached revision whose name holds a step; the step is read from it). "
+        "Any series: a sample, every:N (every Nth, plus the last), log:K (K log-spaced "
+        "steps), range:A:B[:S] (steps A..B, every S).",
     )(fn)
     fn = click.option(
         "--model",
@@ -82,8 +96,10 @@ def _series_dir(run_dir: Path, model: str | None) -> Path:
 
 
 def _revisions(value: str | None) -> tuple[str, ...] | None:
-    if not value or value.strip() == "all":
-        return None
+    from probekit.revisions import is_sample
+
+    if not value or value.strip() == "all" or is_sample(value):
+        return None  # a sample selects steps: _steps(steps, revisions)
     return tuple(r.strip() for r in value.split(",") if r.strip())
 
 
@@ -97,13 +113,17 @@ def _tests(values: tuple[str, ...]) -> tuple[tuple[str, str], ...] | None:
     return tuple(out) or None
 
 
-def _steps(value: str | None) -> list[int] | None:
-    if not value:
-        return None
-    try:
-        return [int(s) for s in value.split(",") if s.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated step numbers, got {value!r}") from None
+def _steps(value: str | None, revisions: str | None = None):
+    """--steps, or a sampled --revisions (every:N, log:K, range:A:B[:S]): None, a list of
+    step numbers or a probekit.revisions.Sample."""
+    from probekit.options import OptionError
+    from probekit.revisions import is_sample, parse_sample, parse_steps
+
+    if revisions and is_sample(revisions):
+        if value:
+            raise OptionError("--revisions: a sample selects the steps; leave out --steps")
+        return parse_sample(revisions, "--revisions")
+    return parse_steps(value, "--steps")
 
 
 class _MetricsOption(click.Option):
@@ -186,7 +206,12 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
 @cli.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--metrics", cls=_MetricsOption, command="align", default="all", show_default=True)
-@click.option("--steps", default=None, help="Only these checkpoint steps, comma-separated.")
+@click.option(
+    "--steps",
+    default=None,
+    help="Only these checkpoint steps, comma-separated, or a sample: every:N, log:K, "
+    "range:A:B[:S] (as --revisions).",
+)
 @click.option("--recompute", is_flag=True, help="Recompute checkpoints already stored.")
 @click.option(
     "--pair", default=None, help="Languages to compare, e.g. EN1,EN3 (default: the first two)."
@@ -236,6 +261,7 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
 )
 @_foreign_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_dtype_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def align(
@@ -257,6 +283,7 @@ def align(
     model,
     revisions,
     device,
+    dtype,
     quiet,
 ) -> None:
     """Per-layer cross-language similarity (and shared machinery) over training time,
@@ -278,6 +305,7 @@ def align(
         n_grad_pairs=grad_pairs,
         ci=ci,
         device=device,
+        dtype=dtype,
         parallel_files=tuple(parallel_files) if parallel_files else None,
         tokenizer=tokenizer,
         hub_model=model,
@@ -287,7 +315,7 @@ def align(
     cube = run_align(
         run_dir,
         metrics=metrics,
-        steps=_steps(steps),
+        steps=_steps(steps, revisions),
         recompute=recompute,
         options=opts,
         workers=workers,
@@ -311,7 +339,12 @@ def _print_final(cube, names: list[str]) -> None:
 
 @cli.command("eval")
 @click.argument("run_dir", type=click.Path(path_type=Path))
-@click.option("--steps", default=None, help="Only these checkpoint steps, comma-separated.")
+@click.option(
+    "--steps",
+    default=None,
+    help="Only these checkpoint steps, comma-separated, or a sample: every:N, log:K, "
+    "range:A:B[:S] (as --revisions).",
+)
 @click.option("--stride", type=int, default=None, help="Window stride (default: context/4).")
 @click.option(
     "--tail",
@@ -337,6 +370,7 @@ def _print_final(cube, names: list[str]) -> None:
 )
 @_foreign_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@_dtype_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_friendly
 def eval_cmd(
@@ -353,6 +387,7 @@ def eval_cmd(
     model,
     revisions,
     device,
+    dtype,
     quiet,
 ) -> None:
     """Test perplexity per language for every checkpoint (sliding window), stored as `ppl`.
@@ -368,6 +403,7 @@ def eval_cmd(
         tail=tail,
         max_tokens=max_tokens,
         device=device,
+        dtype=dtype,
         tokenizer=tokenizer,
         hub_model=model,
         revisions=_revisions(revisions),
@@ -375,7 +411,7 @@ def eval_cmd(
     )
     cube = evaluate(
         run_dir,
-        steps=_steps(steps),
+        steps=_steps(steps, revisions),
         recompute=recompute,
         options=options,
         workers=workers,
@@ -386,6 +422,41 @@ def eval_cmd(
     for lang in cube["language"].values:
         ppl, ppl_char = (float(last[v].sel(language=lang)) for v in ("ppl", "ppl_char"))
         click.echo(f"{lang}: ppl {ppl:.3f} (per char {ppl_char:.3f}) at step {int(last['step'])}")
+
+
+@cli.command()
+@click.argument("series", type=click.Path(path_type=Path))
+@click.option("--model", default=None, metavar="ORG/NAME", help="A hub cache: the cached model.")
+@click.option(
+    "--revisions",
+    default=None,
+    metavar="REV,REV",
+    help="A hub cache: only these revisions, or a sample (every:N, log:K, range:A:B[:S]).",
+)
+@click.option("--steps", default=None, help="Only these steps, or a sample (as --revisions).")
+@click.option(
+    "--full", is_flag=True, help="Hash every byte of the weights (default: a fixed sample)."
+)
+@_friendly
+def check(series, model, revisions, steps, full) -> None:
+    """Flag faulty revisions of a series, one line each: weights equal to another revision's,
+    steps out of order, missing or unreadable revisions. Exit status 0: clean; 1: problems
+    found; 2: bad input. `align` runs the same check first, as a one-line warning."""
+    from probekit.series_check import check_series
+
+    problems = check_series(
+        series,
+        model=model,
+        revisions=_revisions(revisions),
+        steps=_steps(steps, revisions),
+        full=full,
+    )
+    for p in problems:
+        click.echo(str(p))
+    if problems:
+        click.echo(f"{len(problems)} problem(s) in {series}", err=True)
+        sys.exit(1)
+    click.echo(f"{series}: no problems found")
 
 
 @cli.command()

@@ -112,7 +112,8 @@ def _check_inputs(ids1, mask1, ids2, mask2) -> None:
 def _seq_losses(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean-token CE of each sequence [B]; a target counts when it and its context are real."""
     mask = mask.bool()
-    logits = model(input_ids=ids, attention_mask=mask.long()).logits
+    # the loss in float32 whatever the model computes in (--dtype); a no-op for float32
+    logits = model(input_ids=ids, attention_mask=mask.long()).logits.float()
     valid = (mask[:, 1:] & mask[:, :-1]).to(logits.dtype)
     # over [B * (T-1), V] rows, as HF's own loss: a third of the time of the class axis
     # strided through [B, V, T-1]
@@ -161,13 +162,23 @@ def _to_dataarray(
 # gradient is exactly zero in exact arithmetic (a constant added to every key score of a query
 # cancels in the softmax), so any cosine computed from it only measures rounding noise.
 ZERO_TOL = 1e-6
+# The same in bfloat16 / float16 forwards and backwards (--dtype), whose rounding is 2**16
+# (2**13) times float32's: on the nano checkpoint the key bias' relative gradient norm is 2e-10
+# in float32, 3e-6 in bfloat16, 7e-7 in float16, the smallest real one (attn.q.bias) 7e-4.
+ZERO_TOL_REDUCED = 1e-4
 
 
-def _finish(stats: dict[tuple[int, str], list[np.ndarray]]) -> dict:
+def zero_tol(model: torch.nn.Module) -> float:
+    """ZERO_TOL for a model computing in float32 or float64, else ZERO_TOL_REDUCED."""
+    dt = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return ZERO_TOL if dt in (torch.float32, torch.float64) else ZERO_TOL_REDUCED
+
+
+def _finish(stats: dict[tuple[int, str], list[np.ndarray]], tol: float = ZERO_TOL) -> dict:
     cos = {}
     for key, (d, a, b) in stats.items():
         ba, bb = stats[(key[0], "block")][1:]
-        zero = (a <= ZERO_TOL**2 * ba) | (b <= ZERO_TOL**2 * bb)
+        zero = (a <= tol**2 * ba) | (b <= tol**2 * bb)
         with np.errstate(invalid="ignore", divide="ignore"):
             c = np.where(zero, np.nan, d / np.sqrt(a * b))
         cos[key] = float(np.nanmean(c)) if np.isfinite(c).any() else float("nan")
@@ -422,7 +433,7 @@ def gradient_alignment(
                 add((lay, "block"), dots)
     merged = {k: [np.concatenate(x) for x in v] for k, v in stats.items()}
     return _to_dataarray(
-        _finish(merged),
+        _finish(merged, zero_tol(model)),
         n_layers,
         ids1.shape[0],
         f"batched hooks, per-tensor inner products ({method})",
@@ -515,7 +526,7 @@ def gradient_alignment_general(
                 _add(stats, (lay, "block"), dots)
             del g1, g2
     merged = {k: [np.asarray(x) for x in v] for k, v in stats.items()}
-    cos = _finish(merged)
+    cos = _finish(merged, zero_tol(model))
     tensors = list(dict.fromkeys(t for _, t in cos if t != "block")) + ["block"]
     data = np.full((view.n_layers + 2, len(tensors)), np.nan)
     for (lay, t), v in cos.items():
