@@ -182,6 +182,9 @@ def test_zero_token_budget_is_one_line(tiny_run: Path, tmp_path):
     with pytest.raises(OptionError, match="lens-tokens: expected an integer >= 1, got 0") as e:
         align(run, metrics=FAMILY, options=OPTS.updated(lens_tokens=0), progress=False)
     assert "\n" not in str(e.value)
+    res = CliRunner().invoke(cli, ["align", str(run), "--metrics", FAMILY, "--lens-tokens", "0"])
+    assert res.exit_code != 0 and "--lens-tokens: expected an integer >= 1" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     assert not (run / "analysis.zarr").exists() and not (run / "artifacts").exists()
 
 
@@ -208,6 +211,10 @@ def test_missing_heldout_text_is_one_line(tmp_path):
     opts = opts.updated(test_files=(("en", str(tmp_path / "en.txt")),))
     with pytest.raises(MetricError, match="none for fr"):
         align(series, metrics=FAMILY, options=opts, progress=False)
+    args = ["align", str(series), "--metrics", FAMILY, "--parallel", "bible:en", "bible:fr"]
+    res = CliRunner().invoke(cli, args + ["--test", f"en={tmp_path / 'en.txt'}", "--quiet"])
+    assert res.exit_code != 0 and "none for fr" in res.output
+    assert len(res.output.strip().splitlines()) == 1
     assert not (series / "analysis.zarr").exists() and not (series / "artifacts").exists()
 
 
