@@ -272,3 +272,16 @@ def test_cli_align_tuned_lens(tiny_run: Path, tmp_path):
     assert stored_artifact_steps(run, FAMILY) == [1, 4]
     assert load_artifact(run, FAMILY, 4)[1]["warm_start_step"] == 1
     assert load_artifact(run, FAMILY, 4)[1]["tokens_per_language"] == 4096  # the default
+
+
+def test_report_draws_both_lenses(series_run: Path, tmp_path):
+    import json
+
+    res = CliRunner().invoke(cli, ["report", str(series_run), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    charts = {c["name"]: c for c in rep["charts"]}
+    assert charts["lens_layers_chart"]["n_rows"] > 0
+    assert "latent_layer_chart" in charts or any(
+        s["chart"] == "latent_layer_chart" for s in rep["skipped"]
+    )

@@ -339,7 +339,14 @@ def build_charts(
         ("lens_layers_chart", ("tuned_kl",), "Logit vs tuned lens per layer"),
         ("latent_layer_chart", ("tuned_latent_layer",), "Latent-language layer over training"),
     ):
-        add(fn, vars_, lambda f=fn: getattr(lens_charts, f)(runs), lens_charts.CAPTIONS[fn], title)
+        if any(vars_[0] in ds.data_vars for ds in runs.values()):  # computed only when named
+            add(
+                fn,
+                vars_,
+                lambda f=fn: getattr(lens_charts, f)(runs),
+                lens_charts.CAPTIONS[fn],
+                title,
+            )
 
     # Later questions (lens, patching, ablation): whatever variables of those families exist.
     for var in _extra_vars(runs):
