@@ -47,6 +47,13 @@ class AnalysisOptions:
     stride: int | None = None  # window stride [--stride]; default context / 4
     tail: int | None = None  # scored tokens at the end of each window [--tail]; default stride
     max_tokens: int | None = None  # test tokens per language [--max-tokens]; 0: all
+    # tuned lens (align --metrics tuned_lens): held-out training text and stopping rule
+    lens_tokens: int = 4096  # training tokens per language [--lens-tokens]
+    lens_steps: int = 500  # most Adam steps per checkpoint
+    lens_patience: int = 2  # validation checks without improvement before stopping
+    lens_tol: float = 0.03  # relative validation-KL improvement that counts
+    lens_lr: float = 1e-2  # Adam
+    lens_seed: int = 0
 
     def validated(self) -> AnalysisOptions:
         """This object if every value is usable; raises OptionError naming the first bad one."""
@@ -55,6 +62,13 @@ class AnalysisOptions:
         for name, lo in (("seq_len", 2), ("stride", 1), ("tail", 1), ("max_tokens", 0)):
             if getattr(self, name) is not None:
                 _int(getattr(self, name), name, lo)
+        for name, lo in (("lens_tokens", 1), ("lens_steps", 1), ("lens_patience", 1)):
+            _int(getattr(self, name), name, lo)
+        _int(self.lens_seed, "lens_seed", 0)
+        if not (_is_number(self.lens_lr) and 0 < self.lens_lr < math.inf):
+            raise OptionError(f"lens_lr: expected a learning rate > 0, got {self.lens_lr!r}")
+        if not (_is_number(self.lens_tol) and 0 <= self.lens_tol < 1):
+            raise OptionError(f"lens_tol: expected a fraction in [0, 1), got {self.lens_tol!r}")
         if self.ci is not None and not (_is_number(self.ci) and 0 < self.ci < 1):
             raise OptionError(f"--ci: expected a level in (0, 1) such as 0.95, got {self.ci!r}")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):

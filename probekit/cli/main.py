@@ -259,6 +259,21 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     metavar="V",
     help="Any HF series trained on id-shifted clones: L2's id of a token is L1's + V.",
 )
+@click.option(
+    "--test",
+    "tests",
+    multiple=True,
+    metavar="LANG=FILE",
+    help="Any HF checkpoint series: a language's held-out text (repeatable); the tuned "
+    "lens trains on it.",
+)
+@click.option(
+    "--lens-tokens",
+    type=int,
+    default=4096,
+    show_default=True,
+    help="tuned_lens: held-out training tokens per language.",
+)
 @_foreign_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @_dtype_option
@@ -279,6 +294,8 @@ def align(
     scheduler,
     parallel_files,
     clone_offset,
+    tests,
+    lens_tokens,
     tokenizer,
     model,
     revisions,
@@ -311,6 +328,8 @@ def align(
         hub_model=model,
         revisions=_revisions(revisions),
         clone_offset=clone_offset,
+        test_files=_tests(tests),
+        lens_tokens=lens_tokens,
     )
     cube = run_align(
         run_dir,

@@ -26,6 +26,7 @@ from probekit.metrics.patching import Patching
 from probekit.metrics.perplexity import Perplexity
 from probekit.metrics.probes import Probes
 from probekit.metrics.similarity import Similarity
+from probekit.metrics.tuned_lens import TunedLens
 
 __all__ = [
     "Accumulator",
@@ -66,6 +67,7 @@ for _family in (
     Lens(),
     Patching(),
     Ablation(),
+    TunedLens(),
 ):
     register(_family)
 

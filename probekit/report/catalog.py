@@ -143,14 +143,51 @@ VARIABLES: dict[str, dict[str, Any]] = {
     "ablation_dppl": {"title": "perplexity increase from ablation", "question": "layers"},
     "ablation_ppl_clean": {"title": "perplexity without ablation", "question": "layers"},
     "ablation_n_neurons": {"title": "ablated neurons per layer", "question": "layers"},
+    # the tuned lens beside the logit lens (`probekit align RUN --metrics tuned_lens`)
+    "tuned_ce": {"title": "cross-entropy (nats), logit vs tuned lens", "question": "layers"},
+    "tuned_kl": {
+        "title": "KL to the final distribution, logit vs tuned lens",
+        "question": "layers",
+    },
+    "tuned_acc": {"title": "top-1 accuracy, logit vs tuned lens", "question": "layers"},
+    "tuned_acc_collapsed": {
+        "title": "top-1 accuracy, clones collapsed, logit vs tuned lens",
+        "question": "layers",
+    },
+    "tuned_mass": {
+        "title": "probability mass per vocabulary language, logit vs tuned lens",
+        "question": "layers",
+    },
+    "tuned_disagreement": {"title": "KL(tuned || logit lens)", "question": "layers"},
+    "tuned_latent_layer": {
+        "title": "latent-language layer (own vocabulary > half the mass)",
+        "question": "layers",
+    },
+    "tuned_dominant_mass": {
+        "title": "rare language's lens mass on the frequent language's ids",
+        "question": "layers",
+    },
+    "tuned_fit_kl": {"title": "tuned-lens validation KL per layer", "question": "layers"},
+    "tuned_fit_steps": {"title": "tuned-lens training steps", "question": "layers"},
+    "tuned_warm_start": {"title": "tuned-lens warm-start step", "question": "layers"},
 }
 
 # A variable the table does not list but whose name starts with one of these (a new variable
 # of these families) lands in that question.
-PREFIXES: dict[str, str] = {"lens_": "layers", "patch_": "layers", "ablation_": "layers"}
+PREFIXES: dict[str, str] = {
+    "lens_": "layers",
+    "patch_": "layers",
+    "ablation_": "layers",
+    "tuned_": "layers",
+}
 
 # The `probekit align --metrics` family that fills a prefixed variable.
-PREFIX_FAMILY: dict[str, str] = {"lens_": "lens", "patch_": "patching", "ablation_": "ablation"}
+PREFIX_FAMILY: dict[str, str] = {
+    "lens_": "lens",
+    "patch_": "patching",
+    "ablation_": "ablation",
+    "tuned_": "tuned_lens",
+}
 
 # Variables that only accompany another one (drawn with it, never on their own).
 COMPANION_SUFFIXES = ("_baseline", "_lo", "_hi", "_count", "_chance", "_coef")

@@ -332,6 +332,22 @@ def build_charts(
     runs_chart("embed_cos_chart", "Is a token embedded like its clone?", "embed_cos")
     runs_chart("embed_freq_chart", "Clone embeddings by token frequency", "embed_cos_by_freq")
 
+    # The tuned lens beside the logit lens (probekit.report.lens_charts)
+    from probekit.report import lens_charts
+
+    for fn, vars_, title in (
+        ("lens_layers_chart", ("tuned_kl",), "Logit vs tuned lens per layer"),
+        ("latent_layer_chart", ("tuned_latent_layer",), "Latent-language layer over training"),
+    ):
+        if any(vars_[0] in ds.data_vars for ds in runs.values()):  # computed only when named
+            add(
+                fn,
+                vars_,
+                lambda f=fn: getattr(lens_charts, f)(runs),
+                lens_charts.CAPTIONS[fn],
+                title,
+            )
+
     # Later questions (lens, patching, ablation): whatever variables of those families exist.
     for var in _extra_vars(runs):
         add(
