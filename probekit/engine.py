@@ -122,7 +122,9 @@ def compute_checkpoint(
     model = load_checkpoint(info, device=options.device, reuse=True)
     series.check_model(model, info)
     final = step == series.checkpoints()[-1].step
-    ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options, final)
+    ctx = CheckpointContext(
+        model, ModelView.from_config(model.config), series, options, final, step=step
+    )
     # one-call families first: booting the bridge rewraps the model's modules in place
     out = {f.name: f.compute(ctx) for f in fams if not f.streamed}
     streamed = [f for f in fams if f.streamed]

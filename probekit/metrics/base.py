@@ -52,6 +52,7 @@ class CheckpointContext:
     series: Series
     options: AnalysisOptions
     final: bool = True  # the series' last checkpoint (eval scores it on more test tokens)
+    step: int | None = None  # the checkpoint's step (per-checkpoint artifacts are named by it)
 
 
 @dataclass
