@@ -38,6 +38,7 @@ from probekit.errors import MetricError
 AUX_COEF = 1 / 32  # weight of the AuxK loss (Gao et al.)
 BATCH_TOKENS = 256  # activations per Adam step
 LR = 2e-3
+MIN_MASS = 0.1  # a latent with less activation mass than this x the mean latent's: dead
 
 
 @dataclass
@@ -388,7 +389,12 @@ class FeatureStats:
         return self.act_sum / np.maximum(self.count, 1)[:, None]
 
     def kinds(self, specific: float) -> np.ndarray:
-        return classify(self.mass(), specific, alive=self.fires.sum(0) > 0)
+        """Shared / specific / dead per feature (`classify`). Dead also: a latent carrying under
+        MIN_MASS of the mean latent's activation mass: TopK always fires k latents, and the
+        weak filler latents of tokens that need fewer fire on anything, in both languages."""
+        mass = self.mass().sum(0)
+        alive = (self.fires.sum(0) > 0) & (mass >= MIN_MASS * mass.mean())
+        return classify(self.mass(), specific, alive=alive)
 
     def mean_act(self) -> np.ndarray:
         """Mean activation where the feature fires, per language (NaN where it never does)."""

@@ -97,7 +97,7 @@ class AnalysisOptions:
 def _check_features(o: AnalysisOptions) -> None:
     if o.features_size is not None:
         _int(o.features_size, "features_size", 1)
-    for name, lo in (("features_k", 1), ("features_tokens", 1), ("features_steps", 1)):
+    for name, lo in (("features_k", 1), ("features_tokens", 256), ("features_steps", 1)):
         _int(getattr(o, name), name, lo)
     _int(o.features_top, "features_top", 0)
     _int(o.features_seed, "features_seed", 0)
