@@ -46,6 +46,7 @@ checkpoints alive from birth to death) and death, from the cube.
 from __future__ import annotations
 
 import copy
+import time
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,8 @@ _DEFINITIONS = {
     "feature_effect": "increase in mean next-token loss (nats) of the language when the "
     "feature's contribution (activation x decoder direction) is removed from the layer (NaN: "
     "not measured)",
+    "feature_context": "top-activating contexts of the report's top features of each kind "
+    "(the token in [[ ]]; empty for the others)",
     "feature_selected": "1: a top feature of its kind by activation mass, 2: a random alive "
     "control feature, 0: not measured causally",
 }
@@ -250,6 +253,7 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
     par = series.parallel
     prev_step, warm = _previous(series.run_dir, ctx.step, layers, size, d)
     reader = _Reader(ctx)
+    clock = [time.perf_counter()]  # phase boundaries, kept in the record (bench/)
 
     # 1. train every layer's dictionary on one stream of chunks (one forward per chunk)
     seed = int(opts.features_seed)
@@ -279,6 +283,8 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
                 break
         if all(tr.done for tr in trainers.values()):
             break
+
+    clock.append(time.perf_counter())
 
     # 2. identity: order the latents like the previous checkpoint's, carry their ids
     dics, ids, cos, next_id = {}, {}, {}, {}
@@ -329,6 +335,7 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
                 stats[lay].update(1, x2, tags2)
         del acts, a1, a2
 
+    clock.append(time.perf_counter())
     m = size
     freq = np.stack([stats[lay].freq() for lay in layers])  # [layer, 2, m]
     mean_act = np.stack([stats[lay].mean_act() for lay in layers])
@@ -373,8 +380,11 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
                     tot += reader.loss([seqs[side][i] for i in bi], hook)
                 effect[j, side, f] = tot[0] / max(tot[1], 1) - base[side]
 
+    clock.append(time.perf_counter())
+
     # 5. the stored dictionary, its identities and the report's contexts
     names = kind_names(pair)
+    ctx_text = np.full((len(layers), 2, m, N_CONTEXTS), "", dtype=object)
     contexts: dict[str, dict] = {}
     top_features: dict[str, dict] = {}
     for j, lay in enumerate(layers):
@@ -397,6 +407,7 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
                     i, pos = divmod(int(tag), stride)
                     texts.append(_context(series, seqs[side][i], pos, lang))
                 per[lang] = texts
+                ctx_text[j, side, f, : len(texts)] = texts
             ctx_l[str(f)] = per
         contexts[str(lay)] = ctx_l
     record = {
@@ -413,6 +424,9 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
         "next_id": {str(lay): int(next_id[lay]) for lay in layers},
         "training": {str(lay): trainers[lay].record() for lay in layers},
         "languages": pair,
+        "seconds": dict(
+            zip(("train", "readings", "causal"), np.diff(clock).round(3).tolist(), strict=True)
+        ),
         "top_features": top_features,
         "contexts": contexts,
     }
@@ -441,8 +455,18 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
             "feature_id": (("layer", "feature"), np.stack([ids[lay] for lay in layers])),
             "feature_effect": (("layer", "language", "feature"), effect),
             "feature_selected": (("layer", "feature"), selected),
+            "feature_context": (
+                ("layer", "language", "feature", "rank"),
+                ctx_text.astype(str),
+            ),
         },
-        coords={"layer": layers, "language": pair, "feature": np.arange(m), "kind": names},
+        coords={
+            "layer": layers,
+            "language": pair,
+            "feature": np.arange(m),
+            "kind": names,
+            "rank": np.arange(N_CONTEXTS),
+        },
         attrs={
             "definition": "a TopK sparse dictionary of the residual stream per checkpoint, "
             "shared by both languages, warm-started from and matched to the previous one",
@@ -452,7 +476,6 @@ def features(ctx: CheckpointContext) -> xr.Dataset:
             "fire": float(opts.features_fire),
             "specific": float(opts.features_specific),
             "causal_pairs": len(sub),
-            "warm_start_step": -1 if prev_step is None else int(prev_step),
         },
     )
     for name, text in _DEFINITIONS.items():
@@ -484,6 +507,7 @@ class Features(Family):
             ("feature_id", "feature identity"),
             ("feature_effect", "feature causal effect"),
             ("feature_selected", "features measured causally"),
+            ("feature_context", "feature top-activating contexts"),
         )
     )
     needs = Needs(weights=True, test_tokens=True)
