@@ -238,3 +238,10 @@ def test_align_features_end_to_end(run_copy):
     assert set(births_by_kind(life)["kind"]) <= set(ds["kind"].values)
     bad = CliRunner().invoke(cli, args[:4] + ["--features-k", "0"])
     assert bad.exit_code != 0 and "--features-k" in bad.output
+    # the report's features section draws from this cube
+    from probekit.report.html import build_charts
+
+    rendered, skipped = build_charts({"run": store.open_cube(run_copy)})
+    drawn = {r.name for r in rendered if r.question == "features"}
+    assert drawn == {"feature_kinds_chart", "feature_effect_chart", "feature_contexts_chart"}
+    assert not any(s.name.startswith("variable_feature") for s in skipped)

@@ -332,6 +332,11 @@ def build_charts(
     runs_chart("embed_cos_chart", "Is a token embedded like its clone?", "embed_cos")
     runs_chart("embed_freq_chart", "Clone embeddings by token frequency", "embed_cos_by_freq")
 
+    # Which features does each language use? (the features family's own charts)
+    from probekit.report import feature_charts
+
+    feature_charts.add_charts(add, runs, names)
+
     # Later questions (lens, patching, ablation): whatever variables of those families exist.
     for var in _extra_vars(runs):
         add(
