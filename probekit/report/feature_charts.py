@@ -145,7 +145,10 @@ def feature_contexts_chart(runs: Mapping[str, xr.Dataset], per_kind: int = 3) ->
 
 
 def add_charts(add: Callable, runs: Mapping[str, xr.Dataset], names: Sequence[str]) -> None:
-    """Hand each chart to the report's `add(name, vars, make, caption, title)`."""
+    """Hand each chart to the report's `add(name, vars, make, caption, title)`; the section
+    appears only when some run has the features family (as the lens/patching ones do)."""
+    if not any("features_count" in ds.data_vars for ds in runs.values()):
+        return
     add(
         "feature_kinds_chart", ("features_count",), lambda: feature_kinds_chart(runs),
         CAPTIONS["feature_kinds_chart"], "Shared, specific and dead features over training",
