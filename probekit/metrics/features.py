@@ -543,6 +543,8 @@ def feature_lifecycle(cube: xr.Dataset | str | Path) -> pd.DataFrame:
     ds = cube[["feature_id", "feature_kind", "feature_match_cos"]]
     ds = ds.dropna("step", how="all", subset=["feature_id"])
     ds = ds.dropna("layer", how="all", subset=["feature_id"])  # a merged cube's other layers
+    # slots no step has (a cube once written with a wider dictionary, then recomputed)
+    ds = ds.dropna("feature", how="all", subset=["feature_id"])
     steps = ds["step"].values
     if len(steps) < 2:
         raise MetricError(
