@@ -54,6 +54,16 @@ class AnalysisOptions:
     lens_tol: float = 0.03  # relative validation-KL improvement that counts
     lens_lr: float = 1e-2  # Adam
     lens_seed: int = 0
+    # feature dictionary (align --metrics features): see probekit/metrics/features.py
+    features_layers: tuple[int, ...] | None = None  # default: a middle and the last layer
+    features_size: int | None = None  # latents per dictionary; default 4 x d_model
+    features_k: int = 8  # active latents per token (TopK)
+    features_tokens: int = 8192  # held-out training tokens per language
+    features_steps: int = 400  # Adam steps per checkpoint and layer
+    features_fire: float = 0.0  # a latent fires above this activation
+    features_specific: float = 0.1  # share of mass on the other language below which: specific
+    features_top: int = 4  # top features per kind measured causally (and as many random)
+    features_seed: int = 0
 
     def validated(self) -> AnalysisOptions:
         """This object if every value is usable; raises OptionError naming the first bad one."""
@@ -69,6 +79,7 @@ class AnalysisOptions:
             raise OptionError(f"lens_lr: expected a learning rate > 0, got {self.lens_lr!r}")
         if not (_is_number(self.lens_tol) and 0 <= self.lens_tol < 1):
             raise OptionError(f"lens_tol: expected a fraction in [0, 1), got {self.lens_tol!r}")
+        _check_features(self)
         if self.ci is not None and not (_is_number(self.ci) and 0 < self.ci < 1):
             raise OptionError(f"--ci: expected a level in (0, 1) such as 0.95, got {self.ci!r}")
         if not isinstance(self.device, str) or not _DEVICE.fullmatch(self.device):
@@ -100,6 +111,26 @@ class AnalysisOptions:
     def describe(self) -> dict[str, object]:
         """The options as stored in the cube's attributes."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_features(o: AnalysisOptions) -> None:
+    if o.features_size is not None:
+        _int(o.features_size, "features_size", 1)
+    for name, lo in (("features_k", 1), ("features_tokens", 256), ("features_steps", 1)):
+        _int(getattr(o, name), name, lo)
+    _int(o.features_top, "features_top", 0)
+    _int(o.features_seed, "features_seed", 0)
+    if o.features_layers is not None:
+        if not o.features_layers:
+            raise OptionError("--features-layers: expected at least one layer")
+        for lay in o.features_layers:
+            _int(lay, "features_layers", 0)
+    if not _is_number(o.features_fire) or math.isnan(o.features_fire):
+        raise OptionError(f"features_fire: expected a number, got {o.features_fire!r}")
+    if not (_is_number(o.features_specific) and 0 < o.features_specific < 0.5):
+        raise OptionError(
+            f"features_specific: expected a share in (0, 0.5), got {o.features_specific!r}"
+        )
 
 
 def _is_number(value: object) -> bool:

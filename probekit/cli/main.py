@@ -61,6 +61,37 @@ def _dtype_option(fn):
         help="Precision of the forwards and backwards (accumulators stay float32/float64); "
         "bfloat16 halves the weights' memory, see docs/align.md for how far it moves numbers.",
     )(fn)
+_FEATURE_FLAGS = (  # align --metrics features: (option, type, help)
+    ("layers", str, "Layers to train the dictionary on, comma-separated (default: middle, last)."),
+    ("size", int, "Latents per dictionary (default: 4 x d_model)."),
+    ("k", int, "Active latents per token (TopK; default 8)."),
+    ("tokens", int, "Held-out training tokens per language (default 8192)."),
+    ("steps", int, "Adam steps per checkpoint and layer (default 400)."),
+    ("fire", float, "Activation above which a latent fires (default 0)."),
+    ("specific", float, "Mass share on the other language below which: specific (default 0.1)."),
+    ("top", int, "Top features per kind measured causally, and as many random (default 4)."),
+    ("seed", int, "Seed of the dictionary training (default 0)."),
+)
+
+
+def _features_options(fn):
+    """--features-*: the options of the features family (unset: AnalysisOptions' defaults)."""
+    for name, kind, text in reversed(_FEATURE_FLAGS):
+        fn = click.option(f"--features-{name}", f"features_{name}", type=kind, help=text)(fn)
+    return fn
+
+
+def _features_kwargs(flags: dict) -> dict:
+    out = {k: v for k, v in flags.items() if k.startswith("features_") and v is not None}
+    if "features_layers" in out:
+        try:
+            out["features_layers"] = tuple(int(x) for x in out["features_layers"].split(","))
+        except ValueError:
+            raise click.BadParameter(
+                f"expected layers such as 1,2, got {out['features_layers']!r}",
+                param_hint="--features-layers",
+            ) from None
+    return out
 
 
 def _foreign_options(fn):
@@ -275,6 +306,7 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     help="tuned_lens: held-out training tokens per language.",
 )
 @_foreign_options
+@_features_options
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @_dtype_option
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -302,6 +334,7 @@ def align(
     device,
     dtype,
     quiet,
+    **feature_flags,
 ) -> None:
     """Per-layer cross-language similarity (and shared machinery) over training time,
     appended to RUN_DIR/analysis.zarr.
@@ -330,6 +363,7 @@ def align(
         clone_offset=clone_offset,
         test_files=_tests(tests),
         lens_tokens=lens_tokens,
+        **_features_kwargs(feature_flags),
     )
     cube = run_align(
         run_dir,

@@ -19,6 +19,7 @@ from probekit.metrics.base import (
 )
 from probekit.metrics.efficiency import Efficiency
 from probekit.metrics.embeddings import Embeddings
+from probekit.metrics.features import Features
 from probekit.metrics.gradients import Gradients
 from probekit.metrics.lens import Lens
 from probekit.metrics.neurons import Neurons
@@ -68,6 +69,7 @@ for _family in (
     Patching(),
     Ablation(),
     TunedLens(),
+    Features(),
 ):
     register(_family)
 

@@ -45,6 +45,14 @@ QUESTIONS: dict[str, dict[str, str]] = {
         "activations are patched or components ablated. Drawn from the cube's lens_*, patch_* "
         "and ablation_* variables.",
     },
+    "features": {
+        "title": "Which features does each language use, and when are they born?",
+        "read": "A sparse dictionary of the residual stream shared by both languages, per "
+        "checkpoint (`probekit align RUN --metrics features`): how many of its features fire on "
+        "both languages (shared), on one only (specific) or on neither (dead), what removing a "
+        "feature does to each language's loss against random features, and the contexts the "
+        "top features fire on.",
+    },
     "other": {
         "title": "Other measures",
         "read": "Variables the report has no question for yet, drawn per layer or over "
@@ -188,6 +196,8 @@ PREFIX_FAMILY: dict[str, str] = {
     "ablation_": "ablation",
     "tuned_": "tuned_lens",
 }
+PREFIXES |= {"feature_": "features", "features_": "features"}  # drawn by report.feature_charts
+PREFIX_FAMILY |= {"feature_": "features", "features_": "features"}
 
 # Variables that only accompany another one (drawn with it, never on their own).
 COMPANION_SUFFIXES = ("_baseline", "_lo", "_hi", "_count", "_chance", "_coef")

@@ -347,6 +347,10 @@ def build_charts(
                 lens_charts.CAPTIONS[fn],
                 title,
             )
+    # Which features does each language use? (the features family's own charts)
+    from probekit.report import feature_charts
+
+    feature_charts.add_charts(add, runs, names)
 
     # Later questions (lens, patching, ablation): whatever variables of those families exist.
     for var in _extra_vars(runs):
