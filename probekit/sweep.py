@@ -220,6 +220,7 @@ def run_sweep(
     progress: bool = True,
     scheduler: str | None = None,
     workers: int = 0,
+    verbose: bool = False,
 ) -> str:
     """Train every run of the grid not yet finished (then evaluate, align and tabulate TEff).
 
@@ -259,8 +260,12 @@ def run_sweep(
             address = scheduler or cluster.scheduler_address
             if progress:
                 what = "training and analysing" if analyse else "training"
-                print(f"{len(order)} runs: {what} on {address}, each run one task")
-            _on_cluster(address, tasks, [r.name for r in order], progress)
+                where = f" on {address}" if verbose else ""
+                print(
+                    f"{len(order)} runs: {what}{where}, each run one task (log: "
+                    f"{out / 'progress.log'})"
+                )
+            _on_cluster(address, tasks, [r.name for r in order], progress, out / "progress.log")
     else:
         for i, run in enumerate(planned, 1):
             if progress:
@@ -328,9 +333,21 @@ def analyse_run(path: Path, kind: str, options: dict, progress: bool = False) ->
         evaluate(path, steps=[list_checkpoints(path)[-1].step], progress=progress)
 
 
-def _on_cluster(scheduler: str, tasks: list[tuple], names: list[str], progress: bool) -> None:
-    """Run (function, *args) tasks on a dask scheduler and wait; the first failure raises."""
+def _on_cluster(
+    scheduler: str,
+    tasks: list[tuple],
+    names: list[str],
+    progress: bool,
+    log: Path | None = None,
+) -> None:
+    """Run (function, *args) tasks on a dask scheduler and wait; the first failure raises.
+    Each finished run prints (and appends to `log`) runs done of total, the time so far and
+    an estimate of the time left (the mean time per finished run times the runs left)."""
+    import time
+
     from dask.distributed import Client, as_completed
+
+    start = time.monotonic()
 
     try:
         client = Client(scheduler, timeout="10s")
@@ -343,12 +360,21 @@ def _on_cluster(scheduler: str, tasks: list[tuple], names: list[str], progress: 
             ): name
             for i, ((fn, *args), name) in enumerate(zip(tasks, names, strict=True))
         }
-        for fut in as_completed(futures):
+        for k, fut in enumerate(as_completed(futures), 1):
             fut.result()  # re-raises a task's error here
+            line = _progress_line(k, len(futures), futures[fut], time.monotonic() - start)
+            if log is not None:
+                with open(log, "a") as fh:
+                    fh.write(time.strftime("%H:%M:%S ") + line + "\n")
             if progress:
-                print(f"done: {futures[fut]}")
+                print(line, flush=True)
     finally:
         client.close()
+
+
+def _progress_line(done: int, total: int, name: str, elapsed: float) -> str:
+    left = "" if done >= total else f", about {elapsed / done * (total - done) / 60:.1f} min left"
+    return f"[{done}/{total} runs done] {name} finished; {elapsed / 60:.1f} min so far{left}"
 
 
 def analyse_sweep(

@@ -178,6 +178,13 @@ def test_sweep_on_local_workers_equals_one_thread_serial(tmp_path: Path):
         ["sweep", str(tmp_path / "grid.toml"), "--out", str(tmp_path / "par"), "--workers", "2"],
     )
     assert res.exit_code == 0 and "TEff not computed" not in res.output, res.output
+    # progress: runs done of total, printed and logged, and no cluster address unless asked
+    assert "tcp://" not in res.output
+    log = (tmp_path / "par" / "progress.log").read_text().splitlines()
+    total = int(log[-1].split("/")[1].split()[0])
+    assert total >= 2 and f"[{total}/{total} runs done]" in log[-1], log
+    assert len(log) == total and all("runs done]" in line for line in log)
+    assert f"[1/{total} runs done]" in res.output and "left" in log[0]
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -488,3 +488,21 @@ def test_browser_renders_sweep_page(sweep_report: Path) -> None:
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_headings_are_titles_and_bookkeeping_is_not_charted(tmp_path: Path, runs) -> None:
+    """No chart heading carries its internal id; bookkeeping variables (scored characters,
+    summed NLL, tokens seen) stay in the cube while a researcher's variable is drawn."""
+    ds = runs["p10"].copy()
+    for var in ("n_chars", "nll_tokens", "n_tokens", "tokens_lang"):
+        ds[var] = (("step",), np.arange(3.0) + 1)
+    ds["lape"] = (("step", "layer"), np.linspace(0, 1, 12).reshape(3, 4))
+    write_report({"p10": ds, "p50": runs["p50"]}, tmp_path / "r", png=False)
+    page = (tmp_path / "r" / "index.html").read_text()
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    names = {c["name"] for c in rep["charts"]}
+    assert "variable_lape" in names
+    assert not names & {f"variable_{v}" for v in ("n_chars", "nll_tokens", "n_tokens")}
+    for heading in re.findall(r"<h3>(.*?)</h3>", page, re.S):
+        assert not any(n in heading for n in names), heading
+    assert 'class="id"' not in page

@@ -588,8 +588,9 @@ def teff(run_dirs, references, controls, method, csv_path) -> None:
     help="Train and analyse the runs on this many one-thread local dask workers at once.",
 )
 @click.option("--quiet", is_flag=True)
+@click.option("--verbose", is_flag=True, help="Also print the dask scheduler's address.")
 @_friendly
-def sweep(grid, out, launch_list, analyse, device, scheduler, workers, quiet) -> None:
+def sweep(grid, out, launch_list, analyse, device, scheduler, workers, quiet, verbose) -> None:
     """Expand a grid (p, schedules, clones, vocab mode, seeds, budgets) into runs and
     their monolingual references; train the ones not finished, one after another (or on
     local workers with --workers, or on a dask cluster with --scheduler)."""
@@ -604,6 +605,7 @@ def sweep(grid, out, launch_list, analyse, device, scheduler, workers, quiet) ->
         progress=not quiet,
         scheduler=scheduler,
         workers=workers,
+        verbose=verbose,
     )
     click.echo(summary)
 

@@ -246,3 +246,14 @@ def fix_command(var: str, run: str = "RUN_DIR") -> str:
 
 def is_companion(var: str) -> bool:
     return var.endswith(COMPANION_SUFFIXES)
+
+
+# Bookkeeping a family stores for its own arithmetic (how much text was scored, summed NLL,
+# tokens seen): kept in the cube, never charted under "Other measures".
+BOOKKEEPING = frozenset(
+    {"n_tokens", "nll_tokens", "n_chars", "tokens_lang", "extrapolated", "mlte_frac"}
+)
+
+
+def is_bookkeeping(var: str) -> bool:
+    return var in BOOKKEEPING

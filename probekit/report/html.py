@@ -38,6 +38,7 @@ from probekit.report.catalog import (
     QUESTIONS,
     VARIABLES,
     fix_command,
+    is_bookkeeping,
     is_companion,
     question_of,
     title_of,
@@ -206,7 +207,8 @@ def _extra_vars(runs: Mapping[str, xr.Dataset]) -> list[str]:
     seen: dict[str, None] = {}
     for ds in runs.values():
         for v in map(str, ds.data_vars):
-            if question_of(v) in ("layers", "other") and not is_companion(v):
+            drawn = question_of(v) in ("layers", "other") and not is_companion(v)
+            if drawn and not is_bookkeeping(v):  # bookkeeping stays in the cube
                 seen[v] = None
     return list(seen)
 
@@ -550,8 +552,7 @@ def _page(
         for r in by_q[q]:
             div = f"chart-{r.name}"
             parts.append(
-                f'<section class="chart" id="sec-{e(r.name)}"><h3>{e(r.title or r.name)}'
-                f'<span class="id">{e(r.name)}</span></h3>'
+                f'<section class="chart" id="sec-{e(r.name)}"><h3>{e(r.title or r.name)}</h3>'
             )
             parts.append(f'<p class="caption">{e(r.caption)}</p>')
             parts += [f'<p class="note">{e(n)}</p>' for n in r.notes]
@@ -565,9 +566,7 @@ def _page(
     if skipped:
         parts.append('<h2 id="not-drawn">Charts these runs cannot fill</h2><ul>')
         parts += [
-            f'<li class="skip"><b>{e(s.title or s.name)}</b> <span class="id">{e(s.name)}</span>'
-            f": {e(s.reason)}</li>"
-            for s in skipped
+            f'<li class="skip"><b>{e(s.title or s.name)}</b>: {e(s.reason)}</li>' for s in skipped
         ]
         parts.append("</ul>")
     parts.append("<h2>Final-step numbers per run</h2>")
