@@ -97,7 +97,12 @@ def run(
             for info, names in tqdm(
                 jobs, desc=f"{label} {series.name}", unit="ckpt", disable=not progress
             ):
-                save(info, compute_checkpoint(path, info.step, names, opts))
+                try:
+                    result = compute_checkpoint(path, info.step, names, opts)
+                except NonFiniteCheckpoint as exc:
+                    print(f"warning: {exc}", flush=True)
+                    continue
+                save(info, result)
         finally:
             release_kept()  # the models kept for the next checkpoint
             release_bridge()
@@ -121,6 +126,7 @@ def compute_checkpoint(
     gc.freeze()
     model = load_checkpoint(info, device=options.device, reuse=True)
     series.check_model(model, info)
+    _check_finite(model, info)
     final = step == series.checkpoints()[-1].step
     ctx = CheckpointContext(model, ModelView.from_config(model.config), series, options, final)
     # one-call families first: booting the bridge rewraps the model's modules in place
@@ -171,6 +177,21 @@ def _stream_pairs(ctx: CheckpointContext, families: list[Family]) -> dict[str, x
     del pending, first
     release_heap()
     return {name: acc.result() for name, acc in runs.items()}
+
+
+class NonFiniteCheckpoint(RunDirError):
+    """A checkpoint whose weights hold NaN or inf (a diverged run): the driver skips it."""
+
+
+def _check_finite(model: torch.nn.Module, info: CheckpointInfo) -> None:
+    """Refuse a checkpoint with non-finite weights before any family reads it: its SVDs and
+    probes would fail (or store garbage) one family at a time."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise NonFiniteCheckpoint(
+                f"step {info.step} ({info.path}): non-finite weights in {name}; skipped, "
+                "nothing stored for it (the other checkpoints are analysed)"
+            )
 
 
 def _rows(parts: list[tuple[Activations, int]]) -> Activations:
@@ -255,7 +276,12 @@ def _run_dask(
         for fut in tqdm(
             as_completed(futures), total=len(futures), desc=label, disable=not progress
         ):
-            save(futures[fut], fut.result())  # the driver writes: one writer, results as they come
+            try:
+                result = fut.result()
+            except NonFiniteCheckpoint as exc:
+                print(f"warning: {exc}", flush=True)
+                continue
+            save(futures[fut], result)  # the driver writes: one writer, results as they come
     finally:
         client.close()
         if cluster is not None:

@@ -51,11 +51,19 @@ class Series:
         langs = self.languages
         if len(langs) < 2:
             raise MetricError(f"{self.run_dir}: a monolingual run has no second language to align")
-        pair = tuple(self.options.pair) if self.options.pair else (langs[0], langs[1])
-        for lang in pair:
-            if lang not in langs:
+        asked = tuple(self.options.pair) if self.options.pair else (langs[0], langs[1])
+        # the config spells languages in lower case ("es"), the run names them EN, ES, ...:
+        # either spelling is accepted, an exact match first
+        by_case = {lang.casefold(): lang for lang in langs}
+        pair = []
+        for lang in asked:
+            name = lang if lang in langs else by_case.get(str(lang).casefold())
+            if name is None:
                 raise MetricError(f"unknown language {lang!r} (this run has: {', '.join(langs)})")
-        return pair  # type: ignore[return-value]
+            pair.append(name)
+        if pair[0] == pair[1]:
+            raise MetricError(f"--pair: expected two different languages, got {asked!r}")
+        return tuple(pair)  # type: ignore[return-value]
 
     @cached_property
     def seq_len(self) -> int:

@@ -1,0 +1,66 @@
+"""Faults in data a long analysis meets: a diverged (NaN) checkpoint in the middle of a series,
+and language names spelled as the config spells them."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file, save_file
+
+from probekit import store
+from probekit.analysis import align
+from probekit.checkpoints import list_checkpoints
+from probekit.errors import MetricError
+from probekit.options import AnalysisOptions
+from probekit.series import Series
+
+
+def _poison(run: Path, step: int) -> None:
+    """Write NaN into one weight of a checkpoint, as a diverged run leaves it."""
+    info = next(c for c in list_checkpoints(run) if c.step == step)
+    file = Path(info.path) / "model.safetensors"
+    tensors = load_file(str(file))
+    name = next(k for k in tensors if tensors[k].ndim == 2)
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_nan_checkpoint_in_the_middle_is_skipped(tiny_run: Path, tmp_path: Path, workers, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("analysis.zarr"))
+    steps = [c.step for c in list_checkpoints(run)]
+    bad = steps[len(steps) // 2]
+    _poison(run, bad)
+    cube = align(run, metrics="similarity", options=AnalysisOptions(n_pairs=8), workers=workers)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "non-finite" in ln]
+    assert len(lines) == 1 and f"step {bad} " in lines[0] and "skipped" in lines[0]
+    assert sorted(int(s) for s in cube["step"].values) == [s for s in steps if s != bad]
+    assert np.isfinite(cube["cka"].values).all()
+    # a rerun skips what is stored and reports the bad checkpoint again, storing nothing
+    before = store.read_family(run, "similarity")
+    align(run, metrics="similarity", options=AnalysisOptions(n_pairs=8), progress=False)
+    assert store.read_family(run, "similarity").identical(before)
+
+
+class _ThreeLanguages(Series):
+    """A series of three languages named as a pair run names them (EN, FR, ES)."""
+
+    def __init__(self, run_dir: Path, pair: tuple[str, str]):
+        self.run_dir, self.options = run_dir, AnalysisOptions(pair=pair)
+
+    @property
+    def languages(self) -> list[str]:
+        return ["EN", "FR", "ES"]
+
+
+def test_pair_in_the_config_spelling(tmp_path: Path):
+    assert _ThreeLanguages(tmp_path, ("es", "fr")).pair == ("ES", "FR")
+    assert _ThreeLanguages(tmp_path, ("EN", "es")).pair == ("EN", "ES")
+    with pytest.raises(MetricError, match="unknown language 'de'"):
+        _ = _ThreeLanguages(tmp_path, ("es", "de")).pair
+    with pytest.raises(MetricError, match="two different languages"):
+        _ = _ThreeLanguages(tmp_path, ("es", "ES")).pair
