@@ -64,3 +64,52 @@ def test_pair_in_the_config_spelling(tmp_path: Path):
         _ = _ThreeLanguages(tmp_path, ("es", "de")).pair
     with pytest.raises(MetricError, match="two different languages"):
         _ = _ThreeLanguages(tmp_path, ("es", "ES")).pair
+
+
+GRID = """name = "g"
+base = "base.toml"
+{top}
+[grid]
+"data.p" = [0.5]
+{grid}
+[[runs]]
+name = "extra"
+set = {{ "data.p" = 0.3 }}
+{runs}
+[references]
+fractions = [1.0]
+{references}
+[analysis]
+n_pairs = 8
+{analysis}
+"""
+
+
+@pytest.mark.parametrize(
+    "section, line, named",
+    [
+        ("top", 'bsae = "x.toml"', "bsae: unknown key (did you mean 'base'?"),
+        ("grid", '"data.pp" = [0.1]', "data.pp"),
+        ("grid", '"modle.preset" = ["nano"]', "modle"),
+        ("runs", "sett = 1", "runs[0].sett: unknown key (did you mean 'set'?"),
+        ("references", "control = true", "references.control: unknown key (did you mean"),
+        ("analysis", "n_pair = 4", "analysis.n_pair: unknown key (did you mean 'n_pairs'?"),
+    ],
+)
+def test_unknown_grid_key_is_one_line_before_anything_is_written(
+    tmp_path: Path, section: str, line: str, named: str
+):
+    from click.testing import CliRunner
+    from conftest import tiny_cfg
+
+    from probekit.cli.main import cli
+    from probekit.config import dump_config
+
+    (tmp_path / "base.toml").write_text(dump_config(tiny_cfg()))
+    parts = {k: "" for k in ("top", "grid", "runs", "references", "analysis")} | {section: line}
+    (tmp_path / "grid.toml").write_text(GRID.format(**parts))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["sweep", str(tmp_path / "grid.toml"), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert len(res.output.strip().splitlines()) == 1 and named in res.output
+    assert "Traceback" not in res.output and not out.exists()
