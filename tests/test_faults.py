@@ -113,3 +113,34 @@ def test_unknown_grid_key_is_one_line_before_anything_is_written(
     assert res.exit_code == 2, res.output
     assert len(res.output.strip().splitlines()) == 1 and named in res.output
     assert "Traceback" not in res.output and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "section, key, named",
+    [
+        ("", "sead", "sead: unknown config section"),
+        ("data", "pp", "data.pp: unknown field (did you mean 'p'?"),
+        ("tokenizer", "vocab_sise", "tokenizer.vocab_sise: unknown field (did you mean"),
+        ("model", "n_layers", "model.n_layers: unknown field (did you mean 'n_layer'?"),
+        ("train", "step", "train.step: unknown field (did you mean 'steps'?"),
+        ("checkpoints", "evry", "checkpoints.evry: unknown field (did you mean 'every'?"),
+        ("eval", "intervall", "eval.intervall: unknown field (did you mean 'interval'?"),
+    ],
+)
+def test_unknown_run_config_key_is_one_line_before_training(
+    tmp_path: Path, section: str, key: str, named: str
+):
+    from click.testing import CliRunner
+    from conftest import tiny_cfg
+
+    from probekit.cli.main import cli
+    from probekit.config import dump_config
+
+    raw = tiny_cfg()
+    (raw[section] if section else raw)[key] = 1
+    (tmp_path / "run.toml").write_text(dump_config(raw))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(cli, ["train", str(tmp_path / "run.toml"), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    assert len(res.output.strip().splitlines()) == 1 and named in res.output
+    assert "Traceback" not in res.output and not out.exists()
