@@ -77,6 +77,15 @@ def run(
     ckpts = select_checkpoints(series.checkpoints(), steps, series.run_dir)
     if _world() > 1:
         ckpts = ckpts[int(os.environ.get("RANK", 0)) :: _world()]
+    if recompute:  # a damaged family is rebuilt by recomputing every checkpoint of it
+        for fam in todo:
+            try:
+                store.read_family(path, fam.name)
+            except store.DamagedFamily:
+                if steps is not None:
+                    raise
+                store.discard_family(path, fam.name)
+                print(f"note: {fam.name}: damaged results discarded; rebuilding every checkpoint")
     # --recompute overwrites each step as its new result arrives: a failure keeps the old one
     done = {f.name: set() if recompute else set(store.stored_steps(path, f.name)) for f in todo}
     jobs = [(c, [f.name for f in todo if c.step not in done[f.name]]) for c in ckpts]

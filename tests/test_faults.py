@@ -144,3 +144,64 @@ def test_unknown_run_config_key_is_one_line_before_training(
     assert res.exit_code == 2, res.output
     assert len(res.output.strip().splitlines()) == 1 and named in res.output
     assert "Traceback" not in res.output and not out.exists()
+
+
+FAMILY_GROUPS = ["similarity", "neurons", "gradients", "embeddings", "probes", "perplexity"]
+
+
+@pytest.fixture(scope="module")
+def analysed(tiny_run: Path, tmp_path_factory) -> Path:
+    """The tiny run with every align family and perplexity stored (two checkpoints)."""
+    from probekit.evaluation import evaluate
+
+    run = tmp_path_factory.mktemp("damaged") / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("analysis.zarr"))
+    opts = AnalysisOptions(n_pairs=8, n_grad_pairs=2, max_tokens=256)
+    align(run, steps=[20, 40], options=opts, progress=False)
+    evaluate(run, steps=[20, 40], options=opts, progress=False)
+    return run
+
+
+def _group_bytes(run: Path, family: str) -> dict[str, bytes]:
+    root = store.store_path(run) / family
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("family", FAMILY_GROUPS)
+def test_truncated_chunk_names_the_family_and_recompute_rebuilds_it(
+    analysed: Path, tmp_path: Path, family: str
+):
+    from click.testing import CliRunner
+
+    from probekit.cli.main import cli
+
+    run = tmp_path / "run"
+    shutil.copytree(analysed, run)
+    others = {f: _group_bytes(run, f) for f in store.families(run) if f != family}
+    assert family in store.families(run) and others
+    chunks = [p for p in (store.store_path(run) / family).rglob("c/*") if p.is_file()]
+    chunk = max(chunks, key=lambda p: p.stat().st_size)
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+
+    with pytest.raises(store.DamagedFamily, match=f"stored {family} results are damaged"):
+        store.open_cube(run)
+    res = CliRunner().invoke(cli, ["report", str(run), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert len(res.output.strip().splitlines()) == 1 and family in res.output
+    cmd = "eval" if family == "perplexity" else "align"
+    assert f"probekit {cmd} {run}" in res.output and "--recompute" in res.output
+    # a recompute of some steps only cannot rebuild it: the same one line, nothing changed
+    args = [cmd, str(run), "--steps", "40", "--recompute", "--quiet"]
+    if cmd == "align":
+        args += ["--metrics", family, "--pairs", "8", "--grad-pairs", "2"]
+    else:
+        args += ["--max-tokens", "256"]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1, res.output
+    # the whole series recomputed rebuilds it, the other families untouched
+    del args[2:4]  # no --steps: every checkpoint
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 0, res.output
+    every = [c.step for c in list_checkpoints(run)]
+    assert sorted(int(s) for s in store.read_family(run, family)["step"].values) == every
+    assert {f: _group_bytes(run, f) for f in others} == others
