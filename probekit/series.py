@@ -221,9 +221,11 @@ class ExternalSeries(Series):
         self.files = [str(f) for f in options.parallel_files or ()]
         self.clone_offset = options.clone_offset
         if self.clone_offset:
+            self.files = self.files * 2 if len(self.files) == 1 else self.files  # one text
             if self.files and self.files[0] != self.files[1]:
                 raise MetricError(
-                    "--clone-offset: the L2 side is the L1 text shifted; give one text"
+                    "--clone-offset: the L2 side is the L1 text shifted, so one text is read: "
+                    "give it once with --text FILE (or the same file twice to --parallel)"
                 )
             if len(self.tokenizer) + self.clone_offset > self.view.vocab_size:
                 raise MetricError(

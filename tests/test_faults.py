@@ -205,3 +205,17 @@ def test_truncated_chunk_names_the_family_and_recompute_rebuilds_it(
     every = [c.step for c in list_checkpoints(run)]
     assert sorted(int(s) for s in store.read_family(run, family)["step"].values) == every
     assert {f: _group_bytes(run, f) for f in others} == others
+
+
+def test_clone_offset_reads_one_text(tmp_path: Path):
+    from test_architectures import FAST, cli_run, save_series, tokenizer
+
+    v = len(tokenizer())
+    series = save_series(tmp_path / "clone", "gpt2", vocab_size=2 * v, steps=(3,))
+    args = ["--clone-offset", str(v), "--metrics", "similarity", *FAST]
+    res = cli_run("align", series, "--text", "bible:en", *args)
+    assert res.exit_code == 0, res.output
+    assert np.isfinite(store.open_cube(series)["hidden_cos"]).all()
+    res = cli_run("align", series, "--parallel", "bible:en", "bible:fr", *args)
+    assert res.exit_code == 2 and "--text FILE" in res.output
+    assert len(res.output.strip().splitlines()) == 1
