@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
@@ -62,7 +63,9 @@ def _fields(cls: type, given: Any, where: str) -> dict:
     unset_ok = {f.name: f.default is None for f in dataclasses.fields(cls)}
     for key in given:
         if key not in unset_ok:
-            raise ConfigError(f"{where}.{key}: unknown field (known: {', '.join(unset_ok)})")
+            close = difflib.get_close_matches(str(key), list(unset_ok), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}.{key}: unknown field ({hint}known: {', '.join(unset_ok)})")
     return {k: (None if unset_ok[k] and v == "" else v) for k, v in given.items()}
 
 

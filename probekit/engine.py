@@ -82,6 +82,15 @@ def run(
     parallel = check_needs(todo, series, ckpts)  # fail before any checkpoint is loaded
     if _world() > 1:
         ckpts = ckpts[int(os.environ.get("RANK", 0)) :: _world()]
+    if recompute:  # a damaged family is rebuilt by recomputing every checkpoint of it
+        for fam in todo:
+            try:
+                store.read_family(path, fam.name)
+            except store.DamagedFamily:
+                if steps is not None:
+                    raise
+                store.discard_family(path, fam.name)
+                print(f"note: {fam.name}: damaged results discarded; rebuilding every checkpoint")
     # --recompute overwrites each step as its new result arrives: a failure keeps the old one
     done = {f.name: set() if recompute else set(store.stored_steps(path, f.name)) for f in todo}
     jobs = [(c, [f.name for f in todo if c.step not in done[f.name]]) for c in ckpts]
@@ -104,7 +113,12 @@ def run(
             for info, names in tqdm(
                 jobs, desc=f"{label} {series.name}", unit="ckpt", disable=not progress
             ):
-                save(info, compute_checkpoint(path, info.step, names, opts))
+                try:
+                    result = compute_checkpoint(path, info.step, names, opts)
+                except NonFiniteCheckpoint as exc:
+                    print(f"warning: {exc}", flush=True)
+                    continue
+                save(info, result)
         finally:
             release_kept()  # the models kept for the next checkpoint
             release_bridge()
@@ -130,6 +144,7 @@ def compute_checkpoint(
     gc.freeze()
     model = load_checkpoint(info, device=options.device, reuse=True, dtype=options.dtype)
     series.check_model(model, info)
+    _check_finite(model, info)
     final = step == series.checkpoints()[-1].step
     ctx = CheckpointContext(
         model, ModelView.from_config(model.config), series, options, final, step=step
@@ -184,6 +199,21 @@ def _stream_pairs(ctx: CheckpointContext, families: list[Family]) -> dict[str, x
     del pending, first
     release_heap()
     return {name: acc.result() for name, acc in runs.items()}
+
+
+class NonFiniteCheckpoint(RunDirError):
+    """A checkpoint whose weights hold NaN or inf (a diverged run): the driver skips it."""
+
+
+def _check_finite(model: torch.nn.Module, info: CheckpointInfo) -> None:
+    """Refuse a checkpoint with non-finite weights before any family reads it: its SVDs and
+    probes would fail (or store garbage) one family at a time."""
+    for name, param in model.named_parameters():
+        if not bool(torch.isfinite(param).all()):
+            raise NonFiniteCheckpoint(
+                f"step {info.step} ({info.path}): non-finite weights in {name}; skipped, "
+                "nothing stored for it (the other checkpoints are analysed)"
+            )
 
 
 def _rows(parts: list[tuple[Activations, int]]) -> Activations:
@@ -325,7 +355,12 @@ def _run_dask(
         for fut in tqdm(
             as_completed(futures), total=len(futures), desc=label, disable=not progress
         ):
-            save(futures[fut], fut.result())  # the driver writes: one writer, results as they come
+            try:
+                result = fut.result()
+            except NonFiniteCheckpoint as exc:
+                print(f"warning: {exc}", flush=True)
+                continue
+            save(futures[fut], result)  # the driver writes: one writer, results as they come
     finally:
         client.close()
         if cluster is not None:

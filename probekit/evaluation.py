@@ -44,15 +44,19 @@ def evaluate(
     workers: int = 0,
     scheduler: str | None = None,
     options: AnalysisOptions | None = None,
+    test_files: dict[str, str] | None = None,
 ) -> xr.Dataset:
     """Test perplexity per language for every (or the chosen) checkpoint -> `ppl` in the cube.
 
     A call of the one driver with the perplexity family; `max_tokens` (default 65,536, 0 for
     all) test tokens per language are scored with a sliding window of the model's context.
     `options` carries what a foreign series needs (`test_files`, `tokenizer`, hub revisions);
-    the keyword arguments given here override its fields.
+    the keyword arguments given here override its fields. `test_files` ({language: file},
+    as `--test LANG=FILE`) is a foreign series' held-out text.
     """
     given = {"stride": stride, "tail": tail, "max_tokens": max_tokens, "device": device}
+    if test_files:
+        given["test_files"] = tuple((str(k), str(v)) for k, v in dict(test_files).items())
     options = (options or AnalysisOptions()).updated(
         **{k: v for k, v in given.items() if v is not None}
     )

@@ -102,7 +102,9 @@ class AnalysisOptions:
         if self.clone_offset is not None:
             _int(self.clone_offset, "clone_offset", 1)
         if self.parallel_files is not None and len(self.parallel_files) != 2:
-            raise OptionError("--parallel: expected two line-aligned files (L1 L2)")
+            # a clone series reads one text (its L2 side is the same ids shifted)
+            if not (self.clone_offset is not None and len(self.parallel_files) == 1):
+                raise OptionError("--parallel: expected two line-aligned files (L1 L2)")
         return self
 
     def updated(self, **changes: object) -> AnalysisOptions:

@@ -51,11 +51,19 @@ class Series:
         langs = self.languages
         if len(langs) < 2:
             raise MetricError(f"{self.run_dir}: a monolingual run has no second language to align")
-        pair = tuple(self.options.pair) if self.options.pair else (langs[0], langs[1])
-        for lang in pair:
-            if lang not in langs:
+        asked = tuple(self.options.pair) if self.options.pair else (langs[0], langs[1])
+        # the config spells languages in lower case ("es"), the run names them EN, ES, ...:
+        # either spelling is accepted, an exact match first
+        by_case = {lang.casefold(): lang for lang in langs}
+        pair = []
+        for lang in asked:
+            name = lang if lang in langs else by_case.get(str(lang).casefold())
+            if name is None:
                 raise MetricError(f"unknown language {lang!r} (this run has: {', '.join(langs)})")
-        return pair  # type: ignore[return-value]
+            pair.append(name)
+        if pair[0] == pair[1]:
+            raise MetricError(f"--pair: expected two different languages, got {asked!r}")
+        return tuple(pair)  # type: ignore[return-value]
 
     @cached_property
     def seq_len(self) -> int:
@@ -213,9 +221,11 @@ class ExternalSeries(Series):
         self.files = [str(f) for f in options.parallel_files or ()]
         self.clone_offset = options.clone_offset
         if self.clone_offset:
+            self.files = self.files * 2 if len(self.files) == 1 else self.files  # one text
             if self.files and self.files[0] != self.files[1]:
                 raise MetricError(
-                    "--clone-offset: the L2 side is the L1 text shifted; give one text"
+                    "--clone-offset: the L2 side is the L1 text shifted, so one text is read: "
+                    "give it once with --text FILE (or the same file twice to --parallel)"
                 )
             if len(self.tokenizer) + self.clone_offset > self.view.vocab_size:
                 raise MetricError(

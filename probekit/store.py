@@ -100,9 +100,38 @@ def read_family(run_dir: Path, family: str) -> xr.Dataset | None:
             _undo_append(path, family)
     if not (path / family / "zarr.json").is_file():
         return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return xr.open_zarr(str(path), group=family, consolidated=False).load()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return xr.open_zarr(str(path), group=family, consolidated=False).load()
+    except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many kinds on a bad chunk
+        raise DamagedFamily(family, path, exc) from None
+
+
+class DamagedFamily(RunDirError):
+    """A family group of the cube that no longer reads (a truncated or unreadable chunk)."""
+
+    def __init__(self, family: str, path: Path, exc: Exception):
+        self.family = family
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+        rebuild = (
+            f"probekit eval {path.parent} --recompute"
+            if family == "perplexity"
+            else f"probekit align {path.parent} --metrics {family} --recompute"
+        )
+        super().__init__(
+            f"{path / family}: stored {family} results are damaged ({type(exc).__name__}: "
+            f"{first}); rebuild them with `{rebuild}` (the other families are untouched)"
+        )
+
+
+def discard_family(run_dir: Path, family: str) -> None:
+    """Remove one family's group (a damaged one, before a full recompute rebuilds it)."""
+    path = store_path(run_dir)
+    with _locked(path):
+        if (path / family).exists():
+            shutil.rmtree(path / family)
+        _consolidate(path)
 
 
 def stored_steps(run_dir: Path, family: str) -> list[int]:

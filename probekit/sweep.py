@@ -80,9 +80,15 @@ def expand_grid(grid_path: Path) -> list[PlannedRun]:
     """Every run of the grid: multilingual runs, monolingual references and controls."""
     grid_path = Path(grid_path)
     spec = read_toml(grid_path)
-    unknown = set(spec) - {"name", "base", "grid", "runs", "references", "analysis"}
-    if unknown:
-        raise ConfigError(f"{grid_path}: unknown grid field(s) {sorted(unknown)}")
+    _known_keys(grid_path, "", spec, ("name", "base", "grid", "runs", "references", "analysis"))
+    if not isinstance(spec.get("runs", []), list):
+        raise ConfigError(f"{grid_path}: runs: expected [[runs]] tables")
+    for i, extra in enumerate(spec.get("runs", [])):
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{grid_path}: runs[{i}]: expected a table")
+        _known_keys(grid_path, f"runs[{i}]", extra, ("name", "set"))
+    _known_keys(grid_path, "references", spec.get("references", {}), REFERENCE_KEYS)
+    _known_keys(grid_path, "analysis", spec.get("analysis", {}), tuple(ANALYSIS_DEFAULTS))
     if "base" not in spec:
         raise ConfigError(f"{grid_path}: base: the grid needs a base config")
     base_path = (grid_path.parent / spec["base"]) if isinstance(spec["base"], str) else None
@@ -126,6 +132,24 @@ def expand_grid(grid_path: Path) -> list[PlannedRun]:
     if dupes:
         raise ConfigError(f"{grid_path}: runs with the same name: {sorted(dupes)}")
     return runs
+
+
+REFERENCE_KEYS = ("fractions", "seeds", "controls")
+
+
+def _known_keys(grid: Path, section: str, table: object, known: tuple[str, ...]) -> None:
+    """Refuse a key a grid section does not read (it would be ignored, silently), naming the
+    close match; before anything is written or trained."""
+    import difflib
+
+    where = f"{grid}: {section + '.' if section else ''}"
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where.rstrip('. ')}: expected a table")
+    for key in table:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{where}{key}: unknown key ({hint}known: {', '.join(known)})")
 
 
 def _scale_budget(raw: dict, mult: float) -> dict:

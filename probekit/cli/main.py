@@ -284,6 +284,13 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     "held-out Bible books in two languages, e.g. bible:en bible:fr (probes get book labels).",
 )
 @click.option(
+    "--text",
+    "clone_text",
+    default=None,
+    metavar="FILE",
+    help="With --clone-offset: the one text both id ranges read (instead of --parallel).",
+)
+@click.option(
     "--clone-offset",
     type=int,
     default=None,
@@ -325,6 +332,7 @@ def align(
     workers,
     scheduler,
     parallel_files,
+    clone_text,
     clone_offset,
     tests,
     lens_tokens,
@@ -356,7 +364,7 @@ def align(
         ci=ci,
         device=device,
         dtype=dtype,
-        parallel_files=tuple(parallel_files) if parallel_files else None,
+        parallel_files=(clone_text,) if clone_text else _parallel(parallel_files),
         tokenizer=tokenizer,
         hub_model=model,
         revisions=_revisions(revisions),
@@ -377,6 +385,10 @@ def align(
     )
     _print_final(cube, ["hidden_cos", "cka", "linmap_r2", "neuron_overlap"])
     click.echo(f"cube: {Path(run_dir) / 'analysis.zarr'}")
+
+
+def _parallel(files: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    return tuple(files) if files else None
 
 
 def _print_final(cube, names: list[str]) -> None:
