@@ -218,6 +218,23 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     default=None,
     help="Bootstrap interval level for similarity metrics, e.g. 0.95.",
 )
+@click.option(
+    "--null-permutations",
+    type=int,
+    default=100,
+    show_default=True,
+    help="calibrated: permutations of the null.",
+)
+@click.option(
+    "--null-sample",
+    type=int,
+    default=512,
+    show_default=True,
+    help="calibrated: rows (tokens, or pooled sequences) of the sample.",
+)
+@click.option(
+    "--knn-k", type=int, default=10, show_default=True, help="calibrated: k of mutual k-NN, CKNNA."
+)
 @_cluster_options
 @click.option(
     "--parallel",
@@ -249,6 +266,9 @@ def align(
     batch_size,
     grad_pairs,
     ci,
+    null_permutations,
+    null_sample,
+    knn_k,
     workers,
     scheduler,
     parallel_files,
@@ -277,6 +297,9 @@ def align(
         batch_size=batch_size,
         n_grad_pairs=grad_pairs,
         ci=ci,
+        null_permutations=null_permutations,
+        null_sample=null_sample,
+        knn_k=knn_k,
         device=device,
         parallel_files=tuple(parallel_files) if parallel_files else None,
         tokenizer=tokenizer,

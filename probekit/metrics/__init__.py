@@ -17,6 +17,7 @@ from probekit.metrics.base import (
     PairBatch,
     Variable,
 )
+from probekit.metrics.calibration import Calibrated
 from probekit.metrics.efficiency import Efficiency
 from probekit.metrics.embeddings import Embeddings
 from probekit.metrics.gradients import Gradients
@@ -64,6 +65,7 @@ for _family in (
     Lens(),
     Patching(),
     Ablation(),
+    Calibrated(),
 ):
     register(_family)
 
