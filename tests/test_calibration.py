@@ -20,6 +20,7 @@ from probekit.metrics import FAMILIES, families_for, resolve
 from probekit.metrics.calibration import (
     MEASURES,
     NullSample,
+    PreparedSample,
     null_calibrate,
     permutations,
     plan_sample,
@@ -319,3 +320,19 @@ def test_matches_calibrated_similarity_package():
         assert float(tau) == pytest.approx(ours["cal_null_q"][0, j], abs=1e-6)
         assert float(p) == pytest.approx(ours["cal_p"][0, j], abs=1e-6)
         assert float(score) == pytest.approx(ours["cal_score_sig"][0, j], abs=1e-5)
+
+
+@pytest.mark.parametrize("d", [5, 60])  # feature-space and n x n CKA, primal and dual ridge
+def test_each_permuted_score_is_the_measure_of_the_permuted_rows(d):
+    """The null re-indexes matrices built once; it must equal scoring permuted data afresh."""
+    rng = np.random.default_rng(d)
+    m, s = 10, 4
+    x, y = _pair_rows(rng, m * s, d, 2)
+    x, y = x[None], y[None]
+    p1, p2 = x.reshape(1, m, s, d).mean(2), y.reshape(1, m, s, d).mean(2)
+    prep = PreparedSample(x, y, p1, p2, s, 5)
+    for perm in permutations(m, s, 3, seed=2):
+        pairs = perm[::s] // s
+        fresh = PreparedSample(x, y[:, perm], p1, p2[:, pairs], s, 5)
+        ident = fresh.scores(np.arange(m * s), np.arange(m))
+        np.testing.assert_allclose(prep.scores(perm, pairs), ident, atol=1e-10)

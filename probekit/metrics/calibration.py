@@ -115,17 +115,15 @@ def _hsic_u(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (tr + s / ((n - 1) * (n - 2)) - 2.0 * ab / (n - 2)) / (n * (n - 3))
 
 
-def knn_mask(x: np.ndarray, k: int) -> np.ndarray:
-    """[L, n, n] bool: row i marks the k rows of highest inner product with row i (of the
-    L2-normalised rows x [L, n, d]), i itself excluded; ties go to the lower row index."""
+def knn_indices(x: np.ndarray, k: int) -> np.ndarray:
+    """[L, n, k]: for each row i of x [L, n, d], the k rows of highest inner product of the
+    L2-normalised rows, i itself excluded (a tie at the k-th place is broken by the partition,
+    deterministically)."""
     u = _unit(x)
     g = u @ u.transpose(0, 2, 1)
     n = g.shape[-1]
     g[:, np.arange(n), np.arange(n)] = -np.inf
-    idx = np.argsort(-g, axis=-1, kind="stable")[..., :k]
-    mask = np.zeros(g.shape, bool)
-    np.put_along_axis(mask, idx, True, axis=-1)
-    return mask
+    return np.argpartition(-g, k - 1, axis=-1)[..., :k]
 
 
 def _take(m: np.ndarray, perm: np.ndarray) -> np.ndarray:
@@ -133,7 +131,7 @@ def _take(m: np.ndarray, perm: np.ndarray) -> np.ndarray:
     return m[:, perm[:, None], perm[None, :]]
 
 
-class _Prepared:
+class PreparedSample:
     """Everything of one sample that a permutation only re-indexes, built once."""
 
     def __init__(
@@ -157,19 +155,26 @@ class _Prepared:
         self.n, self.d, self.k, self.ridge = n, d, k, ridge
         ux, uy = _unit(x), _unit(y)
         self.cos = ux @ uy.transpose(0, 2, 1)  # [L, n, n]
-        self.kx = x @ x.transpose(0, 2, 1)
         self.gy = y @ y.transpose(0, 2, 1)  # also the dual ridge's Gram
-        self.kx0, self.gy0 = self.kx.copy(), self.gy.copy()
+        self.kx0, self.gy0 = x @ x.transpose(0, 2, 1), self.gy.copy()
         diag = np.arange(n)
         self.kx0[:, diag, diag] = 0.0
         self.gy0[:, diag, diag] = 0.0
         self.h_xx, self.h_yy = _hsic_u(self.kx0, self.kx0), _hsic_u(self.gy0, self.gy0)
         self.kx0_rows, self.gy0_rows = self.kx0.sum(1), self.gy0.sum(2)
+        self.nx2, self.ny2 = (x * x).sum(-1), (y * y).sum(-1)
         self.kx0_sum, self.gy0_sum = self.kx0.sum((1, 2)), self.gy0.sum((1, 2))
-        # neighbour measures on unit rows
-        self.mx, self.my = knn_mask(x, k), knn_mask(y, k)
+        if 2 * d <= n:  # CKA's permuted trace is taken in feature space: n x n not needed
+            del self.kx0, self.gy0
+        # neighbour measures on unit rows: index lists, so that a permutation costs O(n k)
+        self.nx, self.ny = knn_indices(x, k), knn_indices(y, k)
+        self.mx = np.zeros((L, n, n), bool)
+        np.put_along_axis(self.mx, self.nx, True, axis=-1)
+        self.my = np.zeros((L, n, n), bool)
+        np.put_along_axis(self.my, self.ny, True, axis=-1)
         self.kn = ux @ ux.transpose(0, 2, 1)
         self.ln = uy @ uy.transpose(0, 2, 1)
+        self.ln_nb = np.take_along_axis(self.ln, self.ny, -1)  # L[i, j] at Y's neighbours j
         ax, ay = self.mx * self.kn, self.my * self.ln
         self.c_xx, self.c_yy = _hsic_u(ax, ax), _hsic_u(ay, ay)
         # the linear map's split: rows of even-ranked pairs fit, odd-ranked score
@@ -187,8 +192,12 @@ class _Prepared:
         rows = np.arange(n)
         out = np.empty((self.x.shape[0], len(MEASURES)))
         out[:, 0] = self.cos[:, rows, perm].mean(1)
-        g0 = _take(self.gy0, perm)
-        tr = np.einsum("lij,lij->l", self.kx0, g0)
+        if 2 * self.d <= n:  # tr(K~ G~_perm) in feature space: |X'Y_perm|^2 - sum |x|^2 |y|^2
+            xy = self.x.transpose(0, 2, 1) @ self.y[:, perm]
+            tr = (xy * xy).sum((1, 2)) - (self.nx2 * self.ny2[:, perm]).sum(1)
+        else:  # n x n: cheaper than d x d products when d is large against n
+            g0 = _take(self.gy0, perm)
+            tr = np.array([np.vdot(a, b) for a, b in zip(self.kx0, g0, strict=True)])
         ab = np.einsum("lj,lj->l", self.kx0_rows, self.gy0_rows[:, perm])
         hxy = (tr + self.kx0_sum * self.gy0_sum / ((n - 1) * (n - 2)) - 2.0 * ab / (n - 2)) / (
             n * (n - 3)
@@ -199,11 +208,36 @@ class _Prepared:
         hit12 = self.s[:, m, pair_perm] >= self.rowmax
         hit21 = self.s[:, m, pair_perm] >= self.colmax[:, pair_perm]
         out[:, 3] = 0.5 * (hit12.mean(1) + hit21.mean(1))
-        joint = self.mx & _take(self.my, perm)
-        out[:, 4] = joint.sum((1, 2)) / (n * self.k)
-        c_xy = _hsic_u(joint * self.kn, joint * _take(self.ln, perm))
+        out[:, 4], c_xy = self._neighbours(perm)
         out[:, 5] = _ratio(c_xy, self.c_xx * self.c_yy)
         return out
+
+    def _neighbours(self, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Mutual k-NN and CKNNA's HSIC_u(M∘K, M∘L_perm) from the neighbour lists alone.
+
+        Row i of the permuted Y is y_perm(i): its neighbours are inv(N_Y(perm(i))). The joint
+        mask M keeps those that are X-neighbours of i too (at most n k entries), and the
+        unbiased HSIC's four sums are taken over M's entries only."""
+        L, n, k = self.nx.shape
+        inv = np.empty_like(perm)
+        inv[perm] = np.arange(n)
+        cand = inv[self.ny[:, perm]]  # [L, n, k]: column j of each of i's Y-neighbours
+        inx = np.take_along_axis(self.mx, cand, -1)  # also an X-neighbour: (i, j) in M
+        mknn = inx.sum((1, 2)) / (n * k)
+        a = np.take_along_axis(self.kn, cand, -1) * inx  # K_ij on M
+        b = self.ln_nb[:, perm] * inx  # L_perm(i) perm(j) on M
+        lay, row = np.arange(L)[:, None, None], np.arange(n)[None, :, None]
+        # tr(AB) = sum over M of a_ij b_ji, where (j, i) must be in M too
+        pi, pj = perm[row], perm[cand]
+        back = self.mx[lay, cand, row] & self.my[lay, pj, pi]
+        tr = (a * back * self.ln[lay, pj, pi]).sum((1, 2))
+        col_a = np.bincount(
+            (cand + n * np.arange(L)[:, None, None]).ravel(), a.ravel(), minlength=L * n
+        ).reshape(L, n)  # 1'A
+        ab = (col_a * b.sum(-1)).sum(-1)  # 1'A B 1
+        s = a.sum((1, 2)) * b.sum((1, 2))
+        hsic = (tr + s / ((n - 1) * (n - 2)) - 2.0 * ab / (n - 2)) / (n * (n - 3))
+        return mknn, hsic
 
     def _linmap(self, perm: np.ndarray) -> np.ndarray:
         fit, test, d = self.fit, self.test, self.d
@@ -274,7 +308,7 @@ def null_calibrate(
     m = x.shape[1] // slots
     if p1.shape != p2.shape or p1.shape[:2] != (x.shape[0], m):
         raise MetricError(f"calibrated: pooled rows must be [L, {m}, d], got {p1.shape}")
-    prep = _Prepared(x, y, p1, p2, slots, k, ridge)
+    prep = PreparedSample(x, y, p1, p2, slots, k, ridge)
     raw = prep.scores(np.arange(x.shape[1]), np.arange(m))
     null = np.empty((n_perm, *raw.shape))
     for i, perm in enumerate(permutations(m, slots, n_perm, seed)):
