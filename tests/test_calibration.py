@@ -254,6 +254,7 @@ def copied(tiny_run: Path, tmp_path_factory) -> Path:
 
 
 ARGS = ("--pairs", 12, "--seq-len", 32, "--batch-size", 6, "--quiet")
+OPTS = AlignOptions(n_pairs=12, seq_len=32, batch_size=6, null_permutations=20)
 
 
 def test_align_calibrated_end_to_end(copied: Path):
@@ -279,6 +280,26 @@ def test_align_calibrated_end_to_end(copied: Path):
     # far from the copied checkpoint's
     first = cube.sel(step=steps[0])["cal_score"].sel(cal_measure="mknn")
     assert float(first.mean()) < 0.9
+
+
+def test_report_draws_raw_null_and_calibrated_per_layer(copied: Path, tmp_path: Path):
+    from probekit.report.calibration_charts import calibration_chart
+    from probekit.report.html import build_charts, write_report
+
+    cube = probekit.open_cube(copied)
+    if "cal_score" not in cube:  # this test alone: compute the family first
+        probekit.align(copied, metrics="calibrated", options=OPTS, progress=False)
+        cube = probekit.open_cube(copied)
+    spec = calibration_chart({"copy": cube}).to_dict()
+    rows = spec["data"]["values"]
+    assert {r["measure"] for r in rows} == set(MEASURES)
+    assert {r["kind"] for r in rows} == {"raw", "null mean", "calibrated"}
+    assert {r["step"] for r in rows} == {int(cube["step"].values[-1])}
+    rendered, _ = build_charts({"copy": cube})
+    names = [r.name for r in rendered]
+    assert "calibration_chart" in names and not any(n.startswith("variable_cal") for n in names)
+    page = write_report({"copy": cube}, tmp_path / "report", png=False).read_text()
+    assert "permutation null" in page
 
 
 def test_align_calibrated_bad_options_are_one_line(copied: Path):
