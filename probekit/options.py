@@ -64,10 +64,16 @@ class AnalysisOptions:
     features_specific: float = 0.1  # share of mass on the other language below which: specific
     features_top: int = 4  # top features per kind measured causally (and as many random)
     features_seed: int = 0
+    # calibrated similarity (the `calibrated` family)
+    null_permutations: int = 100  # permutations of the null [--null-permutations]
+    null_sample: int = 512  # rows (tokens or pooled sequences) of its sample [--null-sample]
+    knn_k: int = 10  # neighbours of mutual k-NN and CKNNA [--knn-k]
 
     def validated(self) -> AnalysisOptions:
         """This object if every value is usable; raises OptionError naming the first bad one."""
         for name, lo in (("n_pairs", 4), ("batch_size", 1), ("n_grad_pairs", 1), ("n_boot", 1)):
+            _int(getattr(self, name), name, lo)
+        for name, lo in (("null_permutations", 2), ("null_sample", 4), ("knn_k", 1)):
             _int(getattr(self, name), name, lo)
         for name, lo in (("seq_len", 2), ("stride", 1), ("tail", 1), ("max_tokens", 0)):
             if getattr(self, name) is not None:

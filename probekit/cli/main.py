@@ -274,6 +274,23 @@ def train(config: Path, out: Path, max_steps, device, overrides, force, quiet) -
     default=None,
     help="Bootstrap interval level for similarity metrics, e.g. 0.95.",
 )
+@click.option(
+    "--null-permutations",
+    type=int,
+    default=100,
+    show_default=True,
+    help="calibrated: permutations of the null.",
+)
+@click.option(
+    "--null-sample",
+    type=int,
+    default=512,
+    show_default=True,
+    help="calibrated: rows (tokens, or pooled sequences) of the sample.",
+)
+@click.option(
+    "--knn-k", type=int, default=10, show_default=True, help="calibrated: k of mutual k-NN, CKNNA."
+)
 @_cluster_options
 @click.option(
     "--parallel",
@@ -329,6 +346,9 @@ def align(
     batch_size,
     grad_pairs,
     ci,
+    null_permutations,
+    null_sample,
+    knn_k,
     workers,
     scheduler,
     parallel_files,
@@ -362,6 +382,9 @@ def align(
         batch_size=batch_size,
         n_grad_pairs=grad_pairs,
         ci=ci,
+        null_permutations=null_permutations,
+        null_sample=null_sample,
+        knn_k=knn_k,
         device=device,
         dtype=dtype,
         parallel_files=(clone_text,) if clone_text else _parallel(parallel_files),

@@ -17,6 +17,7 @@ from probekit.metrics.base import (
     PairBatch,
     Variable,
 )
+from probekit.metrics.calibration import Calibrated
 from probekit.metrics.efficiency import Efficiency
 from probekit.metrics.embeddings import Embeddings
 from probekit.metrics.features import Features
@@ -70,6 +71,7 @@ for _family in (
     Ablation(),
     TunedLens(),
     Features(),
+    Calibrated(),
 ):
     register(_family)
 

@@ -108,6 +108,23 @@ VARIABLES: dict[str, dict[str, Any]] = {
         "control": "probe_in_language",
     },
     "probe_in_language": {"title": "probe accuracy in-language", "question": "representations"},
+    # null-calibrated similarity (`probekit align RUN --metrics calibrated`; dims layer,
+    # cal_measure; drawn together by report/calibration_charts.py)
+    "cal_score": {
+        "title": "null-calibrated similarity score",
+        "question": "representations",
+        "control": "cal_null_mean",
+        "chance": 0.0,
+    },
+    "cal_raw": {"title": "raw similarity on the calibration sample", "question": "representations"},
+    "cal_null_mean": {"title": "permutation-null mean", "question": "representations"},
+    "cal_null_sd": {"title": "permutation-null standard deviation", "question": "representations"},
+    "cal_null_q": {"title": "permutation-null 95 % critical value", "question": "representations"},
+    "cal_p": {"title": "permutation p-value", "question": "representations"},
+    "cal_score_sig": {
+        "title": "calibrated score above the null's 95 % critical value",
+        "question": "representations",
+    },
     # machinery
     "neuron_overlap": {
         "title": "MLP neuron overlap (Jaccard)",

@@ -34,6 +34,9 @@ import xarray as xr
 from probekit.errors import MetricError, ProbekitError
 from probekit.report import charts as C
 from probekit.report import findings as F
+from probekit.report.calibration_charts import CAPTION as CALIBRATION_CAPTION
+from probekit.report.calibration_charts import TITLE as CALIBRATION_TITLE
+from probekit.report.calibration_charts import calibration_chart
 from probekit.report.catalog import (
     QUESTIONS,
     VARIABLES,
@@ -314,6 +317,13 @@ def build_charts(
             f"{label[0].upper()}{label[1:]} over training, layer by layer",
         )
     runs_chart("retrieval_chart", "Finding the translation by nearest neighbour", "retrieval_acc")
+    add(
+        "calibration_chart",
+        ("cal_score",),
+        lambda: calibration_chart(runs, color_domain=names),
+        CALIBRATION_CAPTION,
+        CALIBRATION_TITLE,
+    )
     runs_chart(
         "probe_chart", "Probes trained in one language, tested in the other", "probe_transfer",
         "probe_in_language",
