@@ -182,7 +182,7 @@ def test_bridge_activations_equal_hf_hidden_states(arch: str, tmp_path: Path):
     bridge = load_bridge(model, tokenizer(), view)
     # the forward stops at the final norm (every cached hook has fired), on every architecture
     assert FINAL_NORM_HOOK in bridge.hook_dict
-    acts = run_activations(bridge, ids, mask, view, True, True)
+    acts = run_activations(bridge, ids, mask, view, ["resid", "mlp"])
     with torch.no_grad():  # the stop is gone afterwards: a plain call runs to the logits
         torch.testing.assert_close(bridge(ids), logits, atol=1e-5, rtol=1e-5)
     assert acts.resid.shape == (view.n_layers + 1, 2, 10, view.d_model)
@@ -210,7 +210,7 @@ def test_a_bridge_reused_for_the_next_checkpoint_is_exact(arch: str, monkeypatch
     second = hooks.bridge_for(tiny_model(arch, seed=1), tokenizer(), view)
     assert (first is second) == (arch in REUSABLE)
     ids, mask = pad_batch([np.arange(3, 15), np.arange(20, 29)])
-    got = run_activations(second, ids, mask, view, True, True)
+    got = run_activations(second, ids, mask, view, ["resid", "mlp"])
     want = run_activations(
         load_bridge(tiny_model(arch, seed=1), tokenizer(), view), ids, mask, view, True, True
     )

@@ -196,7 +196,7 @@ class _Reader:
         self.view, self.device = view, opts.device
 
     def resid(self, seqs: list[np.ndarray]):
-        return run_activations(self.bridge, *pad_batch(seqs), self.view, resid=True)
+        return run_activations(self.bridge, *pad_batch(seqs), self.view, ["resid"])
 
     @torch.no_grad()
     def loss(self, seqs: list[np.ndarray], hooks: list) -> tuple[float, int]:

@@ -290,7 +290,7 @@ def heldout_states(ctx: CheckpointContext, bridge, seqs: list[np.ndarray]) -> to
     bs = ctx.options.batch_size
     for lo in range(0, len(seqs), bs):
         ids, mask = pad_batch(seqs[lo : lo + bs])
-        act = run_activations(bridge, ids, mask, ctx.view, resid=True, mlp=False)
+        act = run_activations(bridge, ids, mask, ctx.view, ["resid"])
         out.append(act.resid[:, act.mask])
     return torch.cat(out, 1)
 
