@@ -212,7 +212,7 @@ def test_a_bridge_reused_for_the_next_checkpoint_is_exact(arch: str, monkeypatch
     ids, mask = pad_batch([np.arange(3, 15), np.arange(20, 29)])
     got = run_activations(second, ids, mask, view, ["resid", "mlp"])
     want = run_activations(
-        load_bridge(tiny_model(arch, seed=1), tokenizer(), view), ids, mask, view, True, True
+        load_bridge(tiny_model(arch, seed=1), tokenizer(), view), ids, mask, view, ["resid", "mlp"]
     )
     assert torch.equal(got.resid, want.resid)
     assert all(map(torch.equal, got.mlp, want.mlp))
