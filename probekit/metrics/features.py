@@ -534,10 +534,10 @@ def feature_lifecycle(cube: xr.Dataset | str | Path) -> pd.DataFrame:
     alive one where it is alive. ``kind`` is its kind at birth. One row per feature that was
     ever born, with columns layer, feature_id, slot, birth_step, death_step, maintenance,
     kind, kind_final."""
-    if not isinstance(cube, xr.Dataset):
-        from probekit import store
-
-        cube = store.read_family(Path(cube), FAMILY)
+    if not isinstance(cube, xr.Dataset):  # a run directory: its cube's group, read by xarray
+        # (not through probekit.store, which sits above the metrics it stores)
+        group = Path(cube) / "analysis.zarr" / FAMILY
+        cube = xr.open_zarr(group.parent, group=FAMILY).load() if group.is_dir() else None
     if cube is None or "feature_id" not in cube:
         raise MetricError("no features in this cube: run `probekit align RUN --metrics features`")
     ds = cube[["feature_id", "feature_kind", "feature_match_cos"]]
