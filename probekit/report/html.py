@@ -317,13 +317,14 @@ def build_charts(
             f"{label[0].upper()}{label[1:]} over training, layer by layer",
         )
     runs_chart("retrieval_chart", "Finding the translation by nearest neighbour", "retrieval_acc")
-    add(
-        "calibration_chart",
-        ("cal_score",),
-        lambda: calibration_chart(runs, color_domain=names),
-        CALIBRATION_CAPTION,
-        CALIBRATION_TITLE,
-    )
+    if any("cal_score" in ds.data_vars for ds in runs.values()):  # computed only when named
+        add(
+            "calibration_chart",
+            ("cal_score",),
+            lambda: calibration_chart(runs, color_domain=names),
+            CALIBRATION_CAPTION,
+            CALIBRATION_TITLE,
+        )
     runs_chart(
         "probe_chart", "Probes trained in one language, tested in the other", "probe_transfer",
         "probe_in_language",
