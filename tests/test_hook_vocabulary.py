@@ -11,17 +11,18 @@ import numpy as np
 import pytest
 import torch
 import transformers
-import xarray as xr
 
 import probekit
 from probekit import metrics
 from probekit.errors import MetricError
 from probekit.hooks import load_bridge, pad_batch, run_activations
-from probekit.metrics import CheckpointContext, Family, Needs, PairBatch, Variable
+from probekit.metrics import Needs, Variable
 from probekit.model_view import HOOK_KINDS, ModelView
 from probekit.options import AnalysisOptions
 
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).parent / "plugins"))
+from pk_attn_entropy import AttentionEntropy  # noqa: E402 - the one-file plugin family
 from tiny_models import TINY_SIZES  # noqa: E402
 
 OPTS = AnalysisOptions(n_pairs=12, seq_len=32, batch_size=6, n_grad_pairs=4)
@@ -76,39 +77,6 @@ def test_run_activations_reads_each_declared_kind(arch):
         run_activations(bridge, ids, mask, view, ["resid"])["mlp"]
     with pytest.raises(MetricError, match="has no hook 'blocks.0.attn.hook_nothing'"):
         run_activations(bridge, ids, mask, view, ["blocks.{l}.attn.hook_nothing"])
-
-
-class _EntropyRun:
-    def __init__(self, ctx: CheckpointContext):
-        self.pair = list(ctx.series.pair)
-        self.sums: np.ndarray | None = None
-        self.count = np.zeros(2)
-
-    def update(self, batch: PairBatch) -> None:
-        for side, act in enumerate((batch.l1, batch.l2)):
-            pattern = act["attn_pattern"]  # L tensors [B, heads, T, T]
-            ent = torch.stack([-(p * p.clamp_min(1e-12).log()).sum(-1) for p in pattern])
-            real = act.mask[None, :, None, :]  # [1, B, 1, T] broadcast over layers and heads
-            tot = (ent * real).sum((1, 3)).double().numpy()  # [L, heads]
-            self.sums = np.zeros((2, *tot.shape)) if self.sums is None else self.sums
-            self.sums[side] += tot
-            self.count[side] += float(act.mask.sum())
-
-    def result(self) -> xr.Dataset:
-        mean = self.sums / self.count[:, None, None]  # [language, block, head]
-        return xr.Dataset(
-            {"attn_entropy": (("language", "block", "head"), mean)},
-            coords={"language": self.pair, "block": np.arange(1, mean.shape[1] + 1)},
-        )
-
-
-class AttentionEntropy(Family):
-    name = "attn_entropy_family"
-    variables = (Variable("attn_entropy", "attention entropy per head"),)
-    needs = Needs(activations=frozenset({"attn_pattern"}))
-
-    def start(self, ctx: CheckpointContext) -> _EntropyRun:
-        return _EntropyRun(ctx)
 
 
 class ResidMid(AttentionEntropy):
