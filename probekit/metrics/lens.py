@@ -93,6 +93,13 @@ def next_token_targets(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tens
     return ids, mask[:, 1:] & mask[:, :-1]
 
 
+def batch_targets(seqs: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The true next tokens [n] of a batch's real positions, and the mask [B, T-1] that picks
+    those positions' states out of ``resid[..., :-1]``."""
+    ids, valid = next_token_targets(seqs)
+    return ids[:, 1:][valid], valid
+
+
 class _LensRun:
     def __init__(self, ctx: CheckpointContext):
         series = ctx.series
@@ -115,8 +122,7 @@ class _LensRun:
     @torch.no_grad()
     def update(self, batch: PairBatch) -> None:
         for side, act in enumerate((batch.l1, batch.l2)):
-            ids, valid = next_token_targets([self.seqs[side][i] for i in batch.index])
-            target = ids[:, 1:][valid]
+            target, valid = batch_targets([self.seqs[side][i] for i in batch.index])
             n = int(target.numel())
             if n == 0:
                 continue

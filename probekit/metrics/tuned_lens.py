@@ -49,7 +49,7 @@ from probekit.artifacts import artifact_path, load_artifact, previous_artifact_s
 from probekit.errors import MetricError, ProbekitError, RunDirError
 from probekit.hooks import load_bridge, pad_batch, run_activations
 from probekit.metrics.base import CheckpointContext, Family, Needs, PairBatch, Variable
-from probekit.metrics.lens import collapse_map, next_token_targets, vocab_buckets
+from probekit.metrics.lens import batch_targets, collapse_map, vocab_buckets
 from probekit.series import Series
 
 FAMILY = "tuned_lens"
@@ -365,8 +365,7 @@ class _TunedRun:
     def update(self, batch: PairBatch) -> None:
         device = self.ctx.options.device
         for side, act in enumerate((batch.l1, batch.l2)):
-            ids, valid = next_token_targets([self.seqs[side][i] for i in batch.index])
-            target = ids[:, 1:][valid]
+            target, valid = batch_targets([self.seqs[side][i] for i in batch.index])
             n = int(target.numel())
             if n == 0:
                 continue
